@@ -1,0 +1,155 @@
+"""The config schema: one dataclass per TOML section.
+
+Key names follow torchtitan v0.2.2 where it has them. Every field carries a one-line help text
+(`--help` prints it); choices are `Literal` types so the loader can check them.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def option(default, help: str):
+    """A config field with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Job:
+    config_file: str = option("", "TOML file to read; command-line overrides win over it")
+    dump_folder: str = option("./outputs", "folder for metrics.jsonl and checkpoints")
+    description: str = option("", "free text describing the run")
+
+
+@dataclass
+class Model:
+    name: Literal["llama3"] = option("llama3", "model family")
+    flavor: str = option("debugmodel", "model size: debugmodel, 8B, 70B or 405B")
+    tokenizer_path: str = option("assets/tokenizer/tokenizer.json", "Hugging Face tokenizer.json file")
+    attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
+        "auto",
+        "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
+        " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package)",
+    )
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = option("AdamW", "optimizer")
+    lr: float = option(8e-4, "peak learning rate")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay")
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = option(200, "steps of linear warmup from near zero to optimizer.lr")
+    decay_ratio: float = option(
+        -1.0, "fraction of the steps spent decaying at the end; -1 decays over all steps after warmup"
+    )
+    decay_type: Literal["linear", "cosine", "sqrt"] = option("linear", "shape of the decay")
+    min_lr_factor: float = option(0.0, "final learning rate as a fraction of optimizer.lr")
+
+
+@dataclass
+class Training:
+    dataset_path: str = option(
+        "assets/data/tinyshakespeare.txt", "a .txt or .jsonl (field 'text') file, or a folder of them"
+    )
+    seq_len: int = option(2048, "tokens per sequence (the full length, before cp sharding)")
+    local_batch_size: int = option(8, "sequences per micro-batch on each data-parallel rank")
+    global_batch_size: int = option(
+        -1, "sequences per optimizer step over all data-parallel ranks; -1 means local x dp (no accumulation)"
+    )
+    steps: int = option(10000, "optimizer steps to train")
+    max_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
+    mixed_precision_param: Literal["bfloat16", "float32"] = option(
+        "bfloat16", "parameter dtype for compute on GPU (CPU always runs float32)"
+    )
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = option(
+        "float32", "gradient reduce-scatter dtype on GPU"
+    )
+    sample_packing: bool = option(
+        False, "pack documents into sequences; attention never crosses a document boundary"
+    )
+    loss_chunk_size: int = option(
+        4096, "tokens per chunk of the output projection and loss; 0 computes all logits at once"
+    )
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = option(1, "HSDP replicas (all-reduce dimension)")
+    data_parallel_shard_degree: int = option(-1, "FSDP shards; -1 fills the rest of the world size")
+    context_parallel_degree: int = option(1, "ranks one sequence is split over")
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = option(
+        "default", "free gathered parameters after forward: default lets FSDP decide per module"
+    )
+    context_parallel_load_balancer: Literal["zigzag", "none"] = option(
+        "zigzag", "sequence layout for batch_ring: zigzag (2*cp chunks, balanced) or none (contiguous)"
+    )
+    ring_attn_func: Literal["auto", "batch_ring", "varlen_llama3"] = option(
+        "auto", "cp attention: batch_ring (p2p ring) or varlen_llama3 (all-gather K/V); auto picks"
+        " varlen_llama3 when packing, else batch_ring",
+    )
+    heads_k_stride: int = option(
+        1, "KV heads all-gathered at a time by varlen_llama3; must divide the number of KV heads"
+    )
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = option(False, "save resumable checkpoints and resume from the latest")
+    folder: str = option("checkpoint", "checkpoint folder inside job.dump_folder")
+    interval: int = option(500, "steps between checkpoints")
+    keep_latest_k: int = option(10, "complete checkpoints kept; 0 keeps all")
+    load_step: int = option(-1, "step to resume from; -1 resumes from the latest complete one")
+    initial_load_path: str = option("", "weights to start from when no checkpoint exists yet")
+    initial_load_in_hf: bool = option(False, "initial_load_path is a Hugging Face safetensors folder")
+    last_save_in_hf: bool = option(False, "also export the final weights as a Hugging Face folder")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "selective", "full"] = option(
+        "none", "recompute activations in backward: none, selective (keeps attention outputs), full"
+    )
+
+
+@dataclass
+class Compile:
+    enable: bool = option(False, "torch.compile each transformer block")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = option(10, "steps between metric records")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = option(300, "timeout for process-group start and the first step")
+    train_timeout_seconds: int = option(100, "timeout for each collective after the first step")
+
+
+@dataclass
+class Debug:
+    seed: int = option(0, "seed for weights, data order and dropout-free randomness")
+    deterministic: bool = option(False, "use deterministic algorithms (slower)")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)
+    comm: Comm = field(default_factory=Comm)
+    debug: Debug = field(default_factory=Debug)
