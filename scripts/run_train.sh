@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Launch titan_cp training with torchrun.
+#   ./scripts/run_train.sh [CONFIG] [--section.key value ...]
+# CONFIG defaults to train_configs/debug_model.toml. Environment:
+#   NGPU      processes to start (default: the GPUs present, else 1)
+#   LOG_RANK  ranks whose output is shown (default 0; e.g. 0,1)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+CONFIG=train_configs/debug_model.toml
+if [[ $# -gt 0 && "$1" != --* ]]; then
+  CONFIG=$1
+  shift
+fi
+
+if [[ -z "${NGPU:-}" ]]; then
+  NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "$NGPU" -gt 0 ]] || NGPU=1
+fi
+LOG_RANK=${LOG_RANK:-0}
+
+# Workers write a user mistake (bad key, file, degree) here and exit quietly, so the user sees
+# one line instead of torchrun's failure report; this script then exits non-zero.
+TITAN_CP_ERROR_FILE=$(mktemp)
+export TITAN_CP_ERROR_FILE
+trap 'rm -f "$TITAN_CP_ERROR_FILE"' EXIT
+
+# Forward SIGTERM (preemption) to torchrun, which passes it to every rank; the trainer then
+# saves a checkpoint and exits cleanly.
+torchrun --standalone --nproc-per-node "$NGPU" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m titan_cp.train --job.config_file "$CONFIG" "$@" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+status=0
+wait "$child" || status=$?
+# A trapped signal interrupts the first wait; wait again for torchrun to finish.
+if kill -0 "$child" 2>/dev/null; then
+  wait "$child" || status=$?
+fi
+
+if [[ -s "$TITAN_CP_ERROR_FILE" ]]; then
+  cat "$TITAN_CP_ERROR_FILE" >&2
+  exit 2
+fi
+exit "$status"

@@ -1,0 +1,51 @@
+"""Process-group start-up with timeouts, so a dead rank ends the job instead of hanging it."""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+from titan_cp.errors import UserError
+
+
+def init_distributed(device: torch.device, init_timeout_seconds: int) -> tuple[int, int]:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); return (rank, world)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        # Started without torchrun: a one-process group keeps the code path the same.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=init_timeout_seconds),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return rank, world_size
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """Shorten the timeout of every process group once the slow first step is done.
+
+    torch has no public API to change a live group's timeout; `_set_pg_timeout` is what
+    torchtitan uses too. tests/test_parallel_dims.py fails loudly if it disappears.
+    """
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in distributed_c10d._world.pg_map:
+        distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"NGPU asks for local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
