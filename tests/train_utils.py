@@ -1,0 +1,45 @@
+"""Run the real launcher (`scripts/run_train.sh`) in a subprocess and read its metrics."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough for 4 CPU processes on 2 cores; the debug model's shapes otherwise.
+TINY = [
+    "--training.seq_len", "64",
+    "--training.local_batch_size", "2",
+    "--metrics.log_freq", "1",
+    "--debug.deterministic", "true",
+    "--lr_scheduler.warmup_steps", "2",
+]
+
+
+def run_train(dump_folder: Path, *overrides: str, ngpu: int = 1, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "NGPU": str(ngpu), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
+         "--job.dump_folder", str(dump_folder), *overrides],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_metrics(dump_folder: Path) -> list[dict]:
+    with open(dump_folder / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(dump_folder: Path, *overrides: str, ngpu: int = 1) -> list[float]:
+    result = run_train(dump_folder, *TINY, *overrides, ngpu=ngpu)
+    assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return [record["loss"] for record in read_metrics(dump_folder)]
+
+
+def assert_close_losses(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected), (actual, expected)
+    for step, (a, e) in enumerate(zip(actual, expected), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
+
+
