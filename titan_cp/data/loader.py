@@ -1,0 +1,147 @@
+"""The stateful data loader: which samples each data-parallel rank reads at each micro-step.
+
+The samples (windows, or packed windows) form one list, read in a seeded random order that is
+drawn anew for each epoch; the sequence of global sample indices g = 0, 1, 2, ... is therefore
+fixed by the dataset, seq_len, packing and seed alone. Micro-batch n of dp rank r (of D ranks,
+b = local_batch_size) holds the samples
+
+    g = (n * D + r) * b + k,   k = 0 .. b - 1.
+
+With A accumulation micro-steps per optimizer step (global batch G = A * D * b), step t therefore
+covers exactly g in [t * G, (t + 1) * G) whatever D, A and b are: runs with dp=1 and accumulation
+and runs with dp=4 and none see the same samples at every step. The loader needs no
+accumulation argument for this; it only requires G to be a multiple of D * b.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from titan_cp.config.schema import Training
+from titan_cp.data.corpus import tokenize_corpus
+from titan_cp.data.documents import read_documents
+from titan_cp.data.packing import PackedSamples
+from titan_cp.data.tokenizer import Tokenizer
+from titan_cp.data.windows import WindowSamples
+from titan_cp.errors import UserError
+
+
+@dataclass
+class Batch:
+    """Full (not cp-sharded) sequences: each tensor is [local_batch_size, seq_len] int64."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor  # -100 where there is no target
+    positions: torch.Tensor  # a document starts exactly where positions == 0
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.positions)))
+
+
+class DataLoader:
+    """An endless iterator of micro-batches for one dp rank, resumable through its state dict."""
+
+    def __init__(
+        self,
+        samples: WindowSamples | PackedSamples,
+        local_batch_size: int,
+        dp_rank: int,
+        dp_world_size: int,
+        seed: int,
+        fingerprint: dict,
+    ) -> None:
+        self.samples = samples
+        self.local_batch_size = local_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.seed = seed
+        # What the sample stream depends on; a resumed run must agree on all of it.
+        self._fingerprint = {**fingerprint, "seed": seed, "samples_per_epoch": len(samples)}
+        self._micro_batch = 0
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __iter__(self) -> "DataLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        b = self.local_batch_size
+        first = (self._micro_batch * self.dp_world_size + self.dp_rank) * b
+        rows = [self.samples[self.sample_index(g)] for g in range(first, first + b)]
+        self._micro_batch += 1
+        return Batch(*(torch.stack(column) for column in zip(*rows)))
+
+    def sample_index(self, g: int) -> int:
+        """The sample read at global position g: a seeded permutation per epoch."""
+        epoch, i = divmod(g, len(self.samples))
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            # Keep only the neighbouring epoch: a micro-batch spans at most two.
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = torch.randperm(len(self.samples), generator=generator)
+        return int(self._orders[epoch][i])
+
+    def state_dict(self) -> dict:
+        """The global position (same on every rank), so a resume may even change dp."""
+        consumed = self._micro_batch * self.dp_world_size * self.local_batch_size
+        return {"samples_consumed": consumed, **self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._fingerprint.items():
+            if state.get(key) != value:
+                raise UserError(
+                    f"checkpoint: data loader state was saved with {key}={state.get(key)!r}, this run has"
+                    f" {value!r}; resume with the same dataset, training.seq_len, training.sample_packing"
+                    " and debug.seed"
+                )
+        consumed, per_micro_batch = state["samples_consumed"], self.dp_world_size * self.local_batch_size
+        if consumed % per_micro_batch:
+            raise UserError(
+                f"checkpoint: data loader stopped after {consumed} samples, not a multiple of"
+                f" dp x training.local_batch_size = {per_micro_batch}"
+            )
+        self._micro_batch = consumed // per_micro_batch
+
+    def summary(self) -> str:
+        f = self._fingerprint
+        return (
+            f"data: {f['documents']} documents, {f['tokens']} tokens, {len(self.samples)} samples of"
+            f" {f['seq_len']} tokens per epoch, packing {f['sample_packing']}"
+            f" (padding {100 * self.samples.padding_fraction:.2f}%)"
+        )
+
+
+def build_dataloader(
+    training: Training, tokenizer: Tokenizer, dp_rank: int, dp_world_size: int, seed: int
+) -> DataLoader:
+    """The loader of dp rank `dp_rank`; all ranks of one cp group pass the same dp_rank.
+
+    Micro-batch n of this rank holds global samples (n * dp_world_size + dp_rank) * b + k for
+    k < b = training.local_batch_size, so each optimizer step reads the same global_batch_size
+    samples for any split into dp ranks and accumulation steps (module docstring). Tokenizes the
+    whole dataset in memory; raises UserError for a bad dataset path, file or size.
+    """
+    b, seq_len = training.local_batch_size, training.seq_len
+    if not 0 <= dp_rank < dp_world_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
+    if training.global_batch_size != -1 and training.global_batch_size % (b * dp_world_size):
+        raise UserError(
+            f"training.global_batch_size: {training.global_batch_size} is not a multiple of"
+            f" training.local_batch_size x dp = {b} x {dp_world_size}"
+        )
+    corpus = tokenize_corpus(read_documents(training.dataset_path), tokenizer)
+    if corpus.num_tokens < seq_len + 1:
+        raise UserError(
+            f"training.dataset_path: {training.dataset_path} has {corpus.num_tokens} tokens"
+            f" (BOS/EOS included), fewer than training.seq_len + 1 = {seq_len + 1} needed for one sample"
+        )
+    if training.sample_packing:
+        samples: WindowSamples | PackedSamples = PackedSamples(corpus, seq_len, tokenizer.pad_id)
+    else:
+        samples = WindowSamples(corpus, seq_len)
+    fingerprint = {
+        "documents": corpus.num_documents,
+        "tokens": corpus.num_tokens,
+        "seq_len": seq_len,
+        "sample_packing": training.sample_packing,
+    }
+    return DataLoader(samples, b, dp_rank, dp_world_size, seed, fingerprint)
