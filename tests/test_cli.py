@@ -1,0 +1,64 @@
+"""The user's entry point: the default job, exact step counts, and one-line errors."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.train_utils import REPO, read_metrics, run_train
+
+def test_three_steps_write_three_records(tmp_path):
+    result = run_train(tmp_path, "--training.steps", "3", "--metrics.log_freq", "1", "--training.seq_len", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    expected_keys = {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "memory_gib", "ntokens_seen"}
+    assert expected_keys <= set(records[0])
+    # Tokens are counted once: 8 sequences of 64 tokens per step.
+    assert [r["ntokens_seen"] for r in records] == [512, 1024, 1536]
+
+
+def _launch(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/run_train.sh", *args, "--job.dump_folder", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NGPU": "1"},
+    )
+
+
+def _write(path, content: str | bytes):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown section": (lambda d: [_write(d / "c.toml", "[trainingz]\nsteps = 1\n")], ["trainingz"]),
+    "unknown key": (lambda d: [_write(d / "c.toml", "[training]\nstepz = 1\n")], ["stepz", "c.toml"]),
+    "unknown override": (lambda d: ["--training.stepz", "3"], ["training.stepz"]),
+    "wrong type": (lambda d: ["--training.steps", "many"], ["training.steps", "many"]),
+    "negative steps": (lambda d: ["--training.steps", "-5"], ["training.steps"]),
+    "zero seq_len": (lambda d: ["--training.seq_len", "0"], ["training.seq_len"]),
+    "missing config": (lambda d: [str(d / "nope.toml")], ["nope.toml"]),
+    "missing tokenizer": (lambda d: ["--model.tokenizer_path", str(d / "tok.json")], ["tok.json"]),
+    "missing data": (lambda d: ["--training.dataset_path", str(d / "data.txt")], ["data.txt"]),
+    "empty dataset": (lambda d: ["--training.dataset_path", _write(d / "empty.txt", "")], ["empty.txt"]),
+    "not utf-8": (lambda d: ["--training.dataset_path", _write(d / "latin1.txt", "caf\xe9 ".encode("latin-1") * 50)], ["latin1.txt"]),
+    "8B on this CPU": (lambda d: ["train_configs/llama3_8b.toml", "--parallelism.context_parallel_degree", "1"], ["GiB"]),
+    "bad degree": (lambda d: ["--parallelism.data_parallel_shard_degree", "2"], ["world size is 1"]),
+    "bad global batch": (lambda d: ["--training.global_batch_size", "12"], ["training.global_batch_size", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line(case, tmp_path):
+    make_args, words = BAD_INPUTS[case]
+    result = _launch(tmp_path, *make_args(tmp_path))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    for word in words:
+        assert word in error_lines[0], error_lines[0]
