@@ -47,22 +47,13 @@ class ParamCounts:
         return self.total - self.embedding
 
 
-def ffn_hidden_dim(model_args) -> int:
-    """The SwiGLU hidden size by the Llama formula: 2/3 of 4*dim, scaled, rounded up."""
-    hidden = int(2 * (4 * model_args.dim) / 3)
-    if model_args.ffn_dim_multiplier is not None:
-        hidden = int(model_args.ffn_dim_multiplier * hidden)
-    multiple = model_args.multiple_of
-    return multiple * ((hidden + multiple - 1) // multiple)
-
-
 def count_params(model_args) -> ParamCounts:
     """Count parameters: wq/wk/wv/wo, w1/w2/w3 and two RMSNorm weights per block, plus the ends."""
     dim, head_dim = model_args.dim, model_args.head_dim
     q_width = model_args.n_heads * head_dim
     kv_width = model_args.n_kv_heads * head_dim
     attention = dim * q_width + 2 * dim * kv_width + q_width * dim
-    feed_forward = 3 * dim * ffn_hidden_dim(model_args)
+    feed_forward = 3 * dim * model_args.ffn_hidden_dim
     embedding = model_args.vocab_size * dim
     return ParamCounts(
         per_block=attention + feed_forward + 2 * dim,
@@ -101,40 +92,65 @@ class MemoryEstimate:
         return f"estimated peak memory per rank {self.total / GIB:.2f} GiB ({parts})"
 
 
-def _activation_elements_per_token(model_args, ffn_hidden: int, ac_mode: str) -> tuple[int, int]:
-    """(elements one block keeps for backward per local token, those of a whole block).
+def _norm_bytes_per_token(dim: int, act_bytes: int) -> int:
+    """What one RMSNorm (computed in fp32) and its consumer keep per token.
 
-    A whole block (no checkpointing) keeps: the inputs of its two RMSNorms and their outputs (the
-    inputs of the projections), q, k and v and the attention output the flash-style kernel saves
-    (never the S x S scores), the input of wo, and the SwiGLU's w1 and w3 outputs, silu(w1) and
-    the product that feeds w2. Selective checkpointing keeps the block input and the attention
-    output (and its LSE), recomputing the cheap rest; full keeps only the block input.
+    Its fp32 input (the input itself when activations are fp32), the fp32 rsqrt, the normalised
+    value cast back (saved by the weight multiply) and the output (saved by the next linear).
     """
-    dim = model_args.dim
-    q_width = model_args.n_heads * model_args.head_dim
+    return dim * FP32 + FP32 + 2 * dim * act_bytes
+
+
+def _block_bytes_per_token(model_args, act_bytes: int) -> dict[str, int]:
+    """Per local token, what a block keeps for backward: its attention half and its SwiGLU half.
+
+    Attention half: the attention norm, q, k and v and the output the flash-style kernel saves
+    with its fp32 LSE (never the S x S scores; the output, laid out [B, S, H, D], also feeds wo
+    without a copy), and the feed-forward norm. SwiGLU half: w1's and w3's outputs, silu(w1) and the product feeding w2.
+    RoPE keeps only the cos/sin tables, shared by every layer.
+    """
+    dim, heads = model_args.dim, model_args.n_heads
+    q_width = heads * model_args.head_dim
     kv_width = model_args.n_kv_heads * model_args.head_dim
-    whole_block = 4 * dim + 3 * q_width + 2 * kv_width + 4 * ffn_hidden
-    kept = {"none": whole_block, "selective": dim + q_width, "full": dim}
-    if ac_mode not in kept:
-        raise UserError(
-            f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full"
-        )
-    return kept[ac_mode], whole_block
+    attention_half = (
+        2 * _norm_bytes_per_token(dim, act_bytes)
+        + (2 * q_width + 2 * kv_width) * act_bytes
+        + heads * FP32
+    )
+    return {"attention_half": attention_half, "swiglu_half": 4 * model_args.ffn_hidden_dim * act_bytes}
+
+
+def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int, int]:
+    """(bytes a block keeps until its backward, bytes recomputed for the block in backward).
+
+    Matches titan_cp.parallel.parallelize: selective checkpoints only the feed-forward (its input,
+    the ffn norm output, is already counted in the attention half), full the whole block (only
+    its input is kept).
+    """
+    halves = _block_bytes_per_token(model_args, act_bytes)
+    whole = halves["attention_half"] + halves["swiglu_half"]
+    if ac_mode == "none":
+        return whole, 0
+    if ac_mode == "selective":
+        return halves["attention_half"], halves["swiglu_half"]
+    if ac_mode == "full":
+        return model_args.dim * act_bytes, whole
+    raise UserError(f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full")
 
 
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:
     """CP attention's transient buffers for one layer, per local token (the larger algorithm).
 
-    batch_ring: two incoming K/V blocks (double-buffered), fp32 output/LSE accumulators, and in
-    backward fp32 dQ plus the travelling fp32 dK/dV pair. varlen_llama3: all cp ranks' K/V
+    batch_ring: two incoming K/V blocks (double-buffered), fp32 output and LSE accumulators, and
+    in backward fp32 dQ plus the travelling fp32 dK/dV pair. varlen_llama3: all cp ranks' K/V
     gathered (heads_k_stride = all KV heads, the worst case) and their fp32 dK/dV before the
-    reduce-scatter. Without cp the kernel works in place: only the fp32 LSE remains.
+    reduce-scatter. Without cp the kernel works in place.
     """
+    if cp == 1:
+        return 0
     heads = model_args.n_heads
     q_width = heads * model_args.head_dim
     kv_width = model_args.n_kv_heads * model_args.head_dim
-    if cp == 1:
-        return heads * FP32
     ring = 2 * 2 * kv_width * act_bytes + (q_width + heads) * FP32 + (q_width + 2 * 2 * kv_width) * FP32
     all_gather = cp * 2 * kv_width * (act_bytes + FP32)
     return max(ring, all_gather)
@@ -149,53 +165,54 @@ def estimate_memory(
     ac_mode: str,
     param_dtype_bytes: int,
     loss_chunk_size: int,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: str = "default",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a training step.
 
     `seq_len` is the full sequence length (each rank holds seq_len/cp tokens of it),
     `dp_shard_cp` the number of ranks FSDP shards over, `param_dtype_bytes` the compute dtype's
     size (2 for bf16, 4 for fp32: also the activations' dtype), `loss_chunk_size` the tokens per
-    logits chunk (0 = all local tokens at once). `reshard_after_forward=False` keeps every
-    block's gathered parameters from forward to backward.
+    logits chunk (0 = all local tokens at once), `reshard_after_forward` the value of
+    parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward).
     """
     counts = count_params(model_args)
     local_tokens = local_batch_size * seq_len // cp
     sharded = counts.total / dp_shard_cp
+    act = param_dtype_bytes
 
-    # FSDP gathers a block's bf16 parameters for compute; with prefetch two are in flight, and in
-    # backward one block's unsharded gradient (compute dtype) and its fp32 reduce-scatter input
-    # exist too. The root unit (embedding, final norm, output) is gathered next to a block.
-    # Without sharding and without a cast, the parameters are used in place.
+    # FSDP's root unit (embedding, final norm, output) stays gathered from forward to the end of
+    # backward, and so do its unsharded gradients; per block, two are gathered at once with
+    # prefetch, and in backward one block's unsharded gradient and its fp32 reduce-scatter
+    # input exist too. Without sharding and without a cast, parameters are used in place.
     if dp_shard_cp > 1 or param_dtype_bytes != FP32:
-        largest_unit = max(counts.per_block, counts.embedding + counts.output + counts.final_norm)
-        gathered = (
-            (counts.per_block + largest_unit) * param_dtype_bytes
-            + counts.per_block * (param_dtype_bytes + FP32)
-        )
-        if not reshard_after_forward:
-            gathered += counts.n_layers * counts.per_block * param_dtype_bytes
+        root = counts.embedding + counts.output + counts.final_norm
+        gathered = 2 * root * act + 2 * counts.per_block * act + counts.per_block * (act + FP32)
+        if reshard_after_forward == "never":
+            gathered += counts.n_layers * counts.per_block * act
     else:
         gathered = 0
 
-    ffn_hidden = ffn_hidden_dim(model_args)
-    kept, whole_block = _activation_elements_per_token(model_args, ffn_hidden, ac_mode)
+    kept, recomputed = _kept_and_recomputed(model_args, act, ac_mode)
+    dim = model_args.dim
     per_token = (
-        # what every block keeps until its backward
-        model_args.n_layers * kept * param_dtype_bytes
-        # the block in backward: its activations recomputed (unless none were dropped), plus the
-        # gradients of its widest intermediates (three of the SwiGLU's, two hidden-sized)
-        + (whole_block if ac_mode != "none" else 0) * param_dtype_bytes
-        + (3 * ffn_hidden + 2 * model_args.dim) * param_dtype_bytes
-        + _attention_workspace_bytes_per_token(model_args, param_dtype_bytes, cp)
-        # final norm input and output, and the hidden-state gradient flowing back
-        + 3 * model_args.dim * param_dtype_bytes
+        model_args.n_layers * kept
+        # the block in backward: what checkpointing dropped, recomputed, and the gradients of its
+        # widest intermediates (three SwiGLU-sized, two hidden-sized, the norms' fp32 ones)
+        + recomputed
+        + (3 * model_args.ffn_hidden_dim + 2 * dim) * act
+        + 2 * dim * FP32
+        + _attention_workspace_bytes_per_token(model_args, act, cp)
+        # shared by all blocks: RoPE's fp32 cos/sin; after them the final norm
+        + 2 * model_args.head_dim * FP32
+        + _norm_bytes_per_token(dim, act)
     )
     activations = local_tokens * per_token
 
-    # One chunk of logits: the compute-dtype matmul output, its fp32 copy and the fp32 gradient.
+    # One chunk of logits (titan_cp.loss recomputes each chunk in backward): the compute-dtype
+    # matmul output, then in fp32 the logits, the log-softmax cross entropy keeps, its gradient
+    # and the logits' gradient, of which three are alive at once.
     chunk = local_tokens if loss_chunk_size <= 0 else min(loss_chunk_size, local_tokens)
-    loss = chunk * model_args.vocab_size * (param_dtype_bytes + 2 * FP32)
+    loss = chunk * model_args.vocab_size * (act + 3 * FP32)
 
     return MemoryEstimate(
         params=int(sharded * FP32),
