@@ -1,0 +1,123 @@
+"""ContextParallel: the one object the trainer uses for cp sharding and cp attention.
+
+It picks the algorithm once from the config, shards each batch accordingly and hands the model
+an `attention(q, k, v, attention_context)` entry point:
+- no packing, cp = 1: the local causal kernel;
+- no packing, cp > 1: the batch ring (`ring_attention`, or ring-flash-attn with
+  attn_implementation = flash_attn) in the zigzag or contiguous layout;
+- packing (any cp), or ring_attn_func = varlen_llama3: all-gather K/V varlen attention over the
+  documents, which are found from the positions (a document starts where the position is 0).
+The batch ring is not document-aware, so it refuses packed batches (DESIGN.md invariant 5).
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan_cp.config.schema import Parallelism
+from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
+from titan_cp.context_parallel.ring_attention import ring_attention
+from titan_cp.context_parallel.sharding import Layout, shard, validate_seq_len
+from titan_cp.errors import UserError
+
+Algorithm = Literal["local", "batch_ring", "varlen_llama3"]
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """What attention needs to know about the batch besides q/k/v; opaque to the model.
+
+    `cu_seqlens` (int32, document starts over the flattened full `B*S` tokens, ending with
+    `B*S`) is set when the varlen all-gather attention runs, None otherwise.
+    """
+
+    layout: Layout
+    cu_seqlens: torch.Tensor | None = None
+
+
+class ContextParallel:
+    """Sequence sharding and attention for one cp group (docs/architecture.md)."""
+
+    def __init__(
+        self,
+        cp_mesh: DeviceMesh | None,
+        parallelism: Parallelism,
+        attn_implementation: str,
+        sample_packing: bool,
+        device: torch.device,
+    ) -> None:
+        self.cp = cp_mesh.size() if cp_mesh is not None else 1
+        self.rank = cp_mesh.get_local_rank() if cp_mesh is not None else 0
+        self.group = cp_mesh.get_group() if cp_mesh is not None and self.cp > 1 else None
+        self.sample_packing = sample_packing
+        self.heads_k_stride = parallelism.heads_k_stride
+        self.requested_algorithm = parallelism.ring_attn_func
+        self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
+        self.kernel = get_kernel(self.attn_implementation)
+        self.algorithm = self._pick_algorithm(parallelism.ring_attn_func)
+        if self.algorithm == "batch_ring" and parallelism.context_parallel_load_balancer == "zigzag":
+            self.layout: Layout = "zigzag"
+        else:
+            self.layout = "contiguous"
+
+    def _pick_algorithm(self, ring_attn_func: str) -> Algorithm:
+        if self.sample_packing or ring_attn_func == "varlen_llama3":
+            # Packed documents need document masks, which only the varlen path honours; a
+            # batch_ring request with packing is refused in validate().
+            return "varlen_llama3"
+        return "local" if self.cp == 1 else "batch_ring"
+
+    def validate(self, seq_len: int, n_kv_heads: int) -> None:
+        """Raise UserError for a combination that cannot run; call once before training."""
+        if self.sample_packing and self.cp > 1 and self.requested_algorithm == "batch_ring":
+            raise UserError(
+                "parallelism.ring_attn_func = batch_ring cannot mask packed documents"
+                " (training.sample_packing = true); use auto or varlen_llama3"
+            )
+        if self.heads_k_stride < 1 or n_kv_heads % self.heads_k_stride != 0:
+            raise UserError(
+                f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
+                f" {n_kv_heads} KV heads"
+            )
+        validate_seq_len(seq_len, self.cp, self.layout)
+
+    def shard(
+        self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext]:
+        """This rank's part of full `[B, S]` tensors, and the context its attention needs.
+
+        Labels are already shifted on the full sequence, so sharding loses no target.
+        """
+        cu_seqlens = None
+        if self.algorithm == "varlen_llama3":
+            from titan_cp.context_parallel.varlen_attention import document_cu_seqlens
+
+            cu_seqlens = document_cu_seqlens(positions)
+        context = AttentionContext(layout=self.layout, cu_seqlens=cu_seqlens)
+        if self.cp == 1:
+            return tokens, labels, positions, context
+        parts = (shard(x, self.rank, self.cp, self.layout) for x in (tokens, labels, positions))
+        return (*parts, context)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_context: AttentionContext
+    ) -> torch.Tensor:
+        """Causal attention of the local queries over the whole (document of the) sequence.
+
+        q `[B, S_local, Hq, D]`, k/v `[B, S_local, Hkv, D]` -> `[B, S_local, Hq, D]`.
+        """
+        if attention_context.cu_seqlens is not None:
+            from titan_cp.context_parallel.varlen_attention import varlen_llama3_attention
+
+            return varlen_llama3_attention(
+                q, k, v, attention_context.cu_seqlens, self.group, self.heads_k_stride, self.attn_implementation
+            )
+        if self.cp == 1:
+            return local_attention(q, k, v, self.kernel, causal=True)
+        if self.attn_implementation == "flash_attn":
+            from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attention
+
+            return ring_flash_attention(q, k, v, self.group, attention_context.layout)
+        return ring_attention(q, k, v, self.group, attention_context.layout, self.kernel)
