@@ -1,5 +1,6 @@
 """Llama 3 shapes: the model arguments, the named flavors, and the Hugging Face config mapping."""
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,21 @@ class TransformerModelArgs:
         if exclude_embedding:
             return body
         return body + (0 if self.tie_word_embeddings else embedding)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str) -> "TransformerModelArgs":
+        """Args from `dataclasses.asdict` output, e.g. the `model_args` a checkpoint's meta.json holds."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise UserError(f"{source}: unknown model argument {key!r}; valid: {', '.join(sorted(names))}")
+        values = dict(values)
+        if values.get("rope_scaling") is not None:
+            try:
+                values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+            except TypeError as e:
+                raise UserError(f"{source}: model argument 'rope_scaling' is not valid ({e})") from None
+        return cls(**values)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "TransformerModelArgs":
