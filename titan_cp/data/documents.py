@@ -47,7 +47,8 @@ def _read_utf8(file: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"training.dataset_path: {file} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset {e.start})"
+            f"training.dataset_path: {file} is not UTF-8 text"
+            f" (invalid byte 0x{data[e.start]:02x} at byte offset {e.start})"
         ) from None
 
 
