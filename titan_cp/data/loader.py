@@ -34,8 +34,12 @@ class Batch:
     labels: torch.Tensor  # -100 where there is no target
     positions: torch.Tensor  # a document starts exactly where positions == 0
 
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, labels, positions), the argument order of ContextParallel.shard."""
+        return self.tokens, self.labels, self.positions
+
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.positions)))
+        return Batch(*(t.to(device, non_blocking=True) for t in self.as_tuple()))
 
 
 class DataLoader:
