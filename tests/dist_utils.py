@@ -2,12 +2,13 @@
 
 `run_distributed(fn, world_size, *args)` starts `world_size` spawned processes, each calls
 `fn(rank, world_size, *args)` inside an initialised gloo group, and returns the list of the
-values each rank returned (they must pickle). An exception on any rank fails the test with that
+values each rank returned (tensors included). An exception on any rank fails the test with that
 rank's traceback; a hang fails it after `timeout` seconds.
 """
 
 import datetime
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -35,7 +36,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensor data into the bytes; the queue's own pickler would share
+        # storage that disappears when this process exits.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -66,7 +69,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             continue
         rank, ok, value = queue.get()
         if ok:
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         else:
             failures.append(f"rank {rank}:\n{value}")
     for p in procs:

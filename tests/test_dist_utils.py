@@ -23,3 +23,12 @@ def test_run_distributed_collects_every_rank():
 def test_run_distributed_reports_a_failing_rank():
     with pytest.raises(AssertionError, match="planted failure"):
         run_distributed(_fail_on_rank_one, 2, timeout=60)
+
+
+def _return_a_tensor(rank: int, world_size: int) -> torch.Tensor:
+    return torch.full((3,), float(rank))
+
+
+def test_run_distributed_returns_tensors():
+    results = run_distributed(_return_a_tensor, 2)
+    assert torch.equal(results[1], torch.ones(3))
