@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from titan_cp.context_parallel.kernels import FLASH_INSTALL_HINT, import_flash_attn_interface
+from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attn_module
 from titan_cp.context_parallel.varlen_kernels import VarlenSegments, varlen_backward, varlen_forward
 from titan_cp.errors import UserError
 
@@ -274,25 +274,18 @@ def _ring_flash_attn_llama3(
     sample; per sample the two layouts agree, so each sample is one call with that sample's
     global boundaries (what `llama3_flash_attn_prepare_cu_seqlens` wants).
     """
-    import_flash_attn_interface()
-    try:
-        from ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
-    except ImportError as e:
-        raise UserError(
-            f"model.attn_implementation = flash_attn with context parallelism needs ring-flash-attn"
-            f" ({e}): {FLASH_INSTALL_HINT}"
-        ) from None
+    llama3 = ring_flash_attn_module("llama3_flash_attn_varlen")
     batch, shard_len = q.shape[:2]
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     seq = shard_len * cp
     per_sample = _cached(cu_seqlens, ("samples", batch, seq), _per_sample_bounds)
     outs = []
     for b in range(batch):
-        cu_q, cu_k, max_q, max_k, k_slice = llama3_flash_attn_prepare_cu_seqlens(
+        cu_q, cu_k, max_q, max_k, k_slice = llama3.llama3_flash_attn_prepare_cu_seqlens(
             per_sample[b].to(q.device), causal=True, rank=rank, world_size=cp
         )
         outs.append(
-            llama3_flash_attn_varlen_func(
+            llama3.llama3_flash_attn_varlen_func(
                 q[b], k[b], v[b], cu_q, cu_k, max_q, max_k, heads_k_stride, k_slice,
                 causal=True, group=group,
             )  # fmt: skip

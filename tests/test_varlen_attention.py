@@ -1,0 +1,198 @@
+"""All-gather K/V varlen attention against an independent reference: causal SDPA run one document
+at a time on the full, unsharded batch (DESIGN.md invariants 1 and 5)."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.dist_utils import run_distributed
+from titan_cp.context_parallel import varlen_kernels
+from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
+from titan_cp.errors import UserError
+
+FAKE_FLASH_ATTN = os.path.join(os.path.dirname(__file__), "fake_flash_attn")
+
+SEQ = 72  # divisible by 2, 3 and 4
+# Sample 0: five uneven documents, several crossing shard edges for every cp in {2, 3, 4} and one
+# (54) starting exactly on the cp=4 edge. Sample 1: a document spanning three cp=4 shards and
+# documents of one and two tokens.
+DOC_LENGTHS = ([7, 23, 5, 19, 18], [40, 1, 2, 29])
+N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 4, 2, 8
+
+
+def packed_positions(doc_lengths=DOC_LENGTHS) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in sample]) for sample in doc_lengths])
+
+
+def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full q, k, v and an upstream gradient for the packed batch, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(DOC_LENGTHS)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "q": randn(batch, SEQ, N_Q_HEADS, HEAD_DIM),
+        "k": randn(batch, SEQ, N_KV_HEADS, HEAD_DIM),
+        "v": randn(batch, SEQ, N_KV_HEADS, HEAD_DIM),
+        "dout": randn(batch, SEQ, N_Q_HEADS, HEAD_DIM),
+    }
+
+
+def per_document_reference(inputs: dict[str, torch.Tensor], doc_lengths=DOC_LENGTHS) -> dict:
+    """Out and dq/dk/dv from causal SDPA on each document alone (KV heads repeated for GQA)."""
+    q, k, v = (inputs[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    rep = q.shape[2] // k.shape[2]
+    out = torch.empty_like(q)
+    for b, sample in enumerate(doc_lengths):
+        start = 0
+        for n in sample:
+            span = slice(start, start + n)
+            qd = q[b, span].transpose(0, 1)
+            kd = k[b, span].repeat_interleave(rep, dim=1).transpose(0, 1)
+            vd = v[b, span].repeat_interleave(rep, dim=1).transpose(0, 1)
+            out[b, span] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1)
+            start += n
+    out.backward(inputs["dout"])
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def run_shard(
+    inputs: dict, positions: torch.Tensor, group, rank: int, cp: int, stride: int, kernel: str
+) -> dict:
+    """This rank's out/dq/dk/dv from varlen_llama3_attention on its contiguous shard."""
+    local = slice(rank * SEQ // cp, (rank + 1) * SEQ // cp)
+    q, k, v = (inputs[n][:, local].clone().requires_grad_() for n in ("q", "k", "v"))
+    out = varlen_llama3_attention(q, k, v, document_cu_seqlens(positions), group, stride, kernel)
+    out.backward(inputs["dout"][:, local])
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+CP_DEGREES = (2, 3, 4)
+STRIDES = (1, N_KV_HEADS)  # heads_k_stride: one KV head at a time, and all at once
+FLASH_ATTN_CP = 3
+
+
+def _all_cases_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
+    """Every distributed case in one spawn (spawning dominates the cost): cp = 2, 3, 4 as
+    subgroups of one 4-process world, each with both strides; ring-flash-attn on the flash-attn
+    test double at cp = 3 when the double exists."""
+    with_flash_attn = os.path.isdir(FAKE_FLASH_ATTN)
+    if with_flash_attn:
+        sys.path.insert(0, FAKE_FLASH_ATTN)
+    results = {}
+    for cp in CP_DEGREES:
+        group = dist.new_group(list(range(cp)))  # every rank must take part in creating it
+        if rank >= cp:
+            continue
+        kernels = ["sdpa_cpu"] + (["flash_attn"] if with_flash_attn and cp == FLASH_ATTN_CP else [])
+        for kernel in kernels:
+            for stride in STRIDES:
+                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel)
+                # numpy pickles by value; torch tensors would travel as shared-memory handles
+                # that die with this process.
+                results[cp, kernel, stride] = {name: x.numpy() for name, x in shard.items()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def distributed_results() -> tuple[dict, list[dict]]:
+    inputs = make_inputs()
+    return per_document_reference(inputs), run_distributed(_all_cases_worker, max(CP_DEGREES), inputs, packed_positions())
+
+
+def assert_matches(shards: list[dict], expected: dict) -> None:
+    for name, want in expected.items():
+        got = torch.cat([torch.as_tensor(shard[name]) for shard in shards], dim=1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("cp", CP_DEGREES)
+def test_cp_matches_per_document_attention(distributed_results, cp: int, stride: int) -> None:
+    expected, per_rank = distributed_results
+    assert_matches([per_rank[r][cp, "sdpa_cpu", stride] for r in range(cp)], expected)
+
+
+@pytest.mark.skipif(not os.path.isdir(FAKE_FLASH_ATTN), reason="no flash_attn test double")
+@pytest.mark.parametrize("stride", STRIDES)
+def test_ring_flash_attn_llama3_matches_per_document_attention(distributed_results, stride: int) -> None:
+    """kernel flash_attn runs ring-flash-attn's llama3 functions (here on the CPU flash-attn double)."""
+    expected, per_rank = distributed_results
+    assert_matches([per_rank[r][FLASH_ATTN_CP, "flash_attn", stride] for r in range(FLASH_ATTN_CP)], expected)
+
+
+@pytest.mark.parametrize("stride", [1, N_KV_HEADS])
+def test_cp1_masks_documents(stride: int) -> None:
+    inputs = make_inputs(seed=2)
+    positions = packed_positions()
+    assert_matches([run_shard(inputs, positions, None, 0, 1, stride, "sdpa_cpu")], per_document_reference(inputs))
+    # The test can fail: attention over the whole window (one document) differs.
+    whole = per_document_reference(inputs, doc_lengths=([SEQ], [SEQ]))
+    assert not torch.allclose(whole["out"], per_document_reference(inputs)["out"], atol=1e-3)
+
+
+def test_document_cu_seqlens() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # sample 1 opens mid-document
+    assert document_cu_seqlens(positions).tolist() == [0, 3, 5, 6, 8, 12]
+    assert document_cu_seqlens(positions).dtype == torch.int32
+    assert positions[1, 0] == 3, "the input must not be modified"
+
+
+def test_offset_causal_kernel_matches_suffix_of_full_attention() -> None:
+    """Queries that are the last tokens of their key segment see keys up to themselves."""
+    g = torch.Generator().manual_seed(3)
+    key_lens, query_lens = [9, 4, 6], [3, 4, 1]
+    k = torch.randn(sum(key_lens), N_KV_HEADS, HEAD_DIM, generator=g)
+    v = torch.randn(sum(key_lens), N_KV_HEADS, HEAD_DIM, generator=g)
+    q_full = torch.randn(sum(key_lens), N_Q_HEADS, HEAD_DIM, generator=g)
+    starts = [0, 9, 13]
+    suffix = torch.cat([torch.arange(s + n - m, s + n) for s, n, m in zip(starts, key_lens, query_lens)])
+    cum = lambda xs: torch.tensor([0] + torch.tensor(xs).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    seg = varlen_kernels.VarlenSegments(
+        cum(query_lens), cum(key_lens), max(query_lens), max(key_lens),
+        tuple(cum(query_lens).tolist()), tuple(cum(key_lens).tolist()),
+    )  # fmt: skip
+    q = q_full[suffix]
+    out, lse = varlen_kernels.varlen_forward(q, k, v, seg, HEAD_DIM**-0.5, "sdpa_cpu")
+    expected, expected_lse = [], []
+    for s, n in zip(starts, key_lens):
+        qd = q_full[s : s + n].transpose(0, 1)
+        kd = k[s : s + n].repeat_interleave(2, dim=1).transpose(0, 1)
+        vd = v[s : s + n].repeat_interleave(2, dim=1).transpose(0, 1)
+        expected.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1))
+        scores = (qd @ kd.transpose(-1, -2)) * HEAD_DIM**-0.5
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        expected_lse.append(torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1))
+    torch.testing.assert_close(out, torch.cat(expected)[suffix])
+    torch.testing.assert_close(lse, torch.cat(expected_lse, dim=1)[:, suffix])
+
+
+def test_heads_k_stride_must_divide_kv_heads() -> None:
+    inputs = make_inputs()
+    with pytest.raises(UserError, match="parallelism.heads_k_stride"):
+        varlen_llama3_attention(
+            inputs["q"], inputs["k"], inputs["v"], document_cu_seqlens(packed_positions()), None, 3, "sdpa_cpu"
+        )
+
+
+def test_flash_varlen_op_schemas_unchanged() -> None:
+    """varlen_kernels calls these private aten ops positionally: a changed schema must fail here."""
+    fwd = torch.ops.aten._flash_attention_forward.default._schema
+    bwd = torch.ops.aten._flash_attention_backward.default._schema
+    assert [a.name for a in fwd.arguments][:10] == [
+        "query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+        "is_causal", "return_debug_mask",
+    ]  # fmt: skip
+    assert "scale" in [a.name for a in fwd.arguments if a.kwarg_only]
+    assert [r.name for r in fwd.returns][:2] == ["output", "softmax_logsumexp"]
+    assert [a.name for a in bwd.arguments][:14] == [
+        "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q",
+        "max_k", "dropout_p", "is_causal", "rng_state", "unused",
+    ]  # fmt: skip
+    assert "scale" in [a.name for a in bwd.arguments if a.kwarg_only]
