@@ -33,8 +33,13 @@ _TITAN_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
+# Module wrappers that insert a level into parameter names: activation checkpointing, torch.compile.
+_WRAPPER_LEVEL = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+
+
 def to_hf_name(name: str) -> str:
-    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight` (wrappers ignored)."""
+    name = _WRAPPER_LEVEL.sub("", name)
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
     match = _TITAN_LAYER.fullmatch(name)
@@ -74,7 +79,7 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: TransformerModelArgs) -> di
     return {
         to_hf_name(name): tensor
         for name, tensor in state_dict.items()
-        if not (args.tie_word_embeddings and name == "output.weight")
+        if not (args.tie_word_embeddings and to_hf_name(name) == "lm_head.weight")
     }
 
 
