@@ -6,9 +6,11 @@ shape this file:
   with transformers >= 5 (it imports a helper that moved). titan_cp uses none of that adapter,
   so `ring_flash_attn_module` loads the function modules from the installed package directly,
   under a private package name, without running that `__init__`.
-- Its batch functions default to `causal=False`; we always pass `causal=True`. Its contiguous
-  ring (`ring_flash_attn_func`) returns dq in bf16 whatever the input dtype; in training with
-  flash-attn the inputs are bf16 anyway, so this only matters to fp32 tests.
+- Its batch functions default to `causal=False`; we always pass `causal=True`.
+- Its batch rings assume 16-bit inputs, as flash-attn itself does: the contiguous ring returns
+  dq in bf16 whatever the input dtype, and with fp32 inputs both rings' dq accumulator aliases a
+  scratch buffer (`.to(torch.float32)` is then no copy) and comes out wrong. So this path refuses
+  anything but bf16/fp16 with a UserError rather than return a wrong gradient.
 """
 
 import importlib
@@ -56,6 +58,11 @@ def ring_flash_attention(
 
     q `[B, S/cp, Hq, D]`, k/v `[B, S/cp, Hkv, D]` are this rank's shards in `layout`.
     """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise UserError(
+            f"model.attn_implementation = flash_attn with cp > 1 needs bf16 or fp16 activations, got {q.dtype};"
+            " use training.mixed_precision_param = bfloat16 or another attn_implementation"
+        )
     if layout == "zigzag":
         fn = ring_flash_attn_module("zigzag_ring_flash_attn").zigzag_ring_flash_attn_func
     else:

@@ -135,7 +135,8 @@ def _build_plan(
             k_bounds.append(k_bounds[-1] + min(end, hi) - start)
         pos = torch.arange(docs[0][0], hi)
         # Token p of sample b sits on rank p // L at local row b*L + p % L.
-        key_positions.append((pos // shard_len) * 2 * batch * shard_len + b * shard_len + pos % shard_len)
+        rank_of, row_in_rank = pos // shard_len, b * shard_len + pos % shard_len
+        key_positions.append(rank_of * 2 * batch * shard_len + row_in_rank)
     k_rows = torch.cat(key_positions)
     v_rows = k_rows + batch * shard_len
     q_len = [e - s for s, e in zip(q_bounds, q_bounds[1:])]
@@ -201,7 +202,9 @@ class _AllGatherKVAttention(torch.autograd.Function):
         lse = torch.empty(n_q, batch * shard_len, dtype=torch.float32, device=q.device)
         for heads, k_rows, v_rows in _gathered_kv(kf, vf, plan, group, heads_k_stride):
             qh = _query_heads(heads, n_q // n_kv)
-            out[:, qh], lse[qh] = varlen_forward(qf[:, qh], k_rows, v_rows, plan.segments, scale, kernel)
+            out[:, qh], lse[qh] = varlen_forward(
+                qf[:, qh], k_rows, v_rows, plan.segments, scale, kernel
+            )
         ctx.save_for_backward(qf, kf, vf, out, lse)
         ctx.args = (plan, group, heads_k_stride, kernel, scale, q.shape)
         ctx.k_shape = k.shape
@@ -220,8 +223,9 @@ class _AllGatherKVAttention(torch.autograd.Function):
         for heads, k_rows, v_rows in _gathered_kv(kf, vf, plan, group, stride):
             qh = _query_heads(heads, n_q // n_kv)
             dq[:, qh], dk_rows, dv_rows = varlen_backward(
-                dout[:, qh], qf[:, qh], k_rows, v_rows, out[:, qh], lse[qh], plan.segments, scale, kernel
-            )
+                dout[:, qh], qf[:, qh], k_rows, v_rows, out[:, qh], lse[qh], plan.segments,
+                scale, kernel,
+            )  # fmt: skip
             # One group's reduce-scatter overlaps the next group's compute; waiting for the
             # previous one first keeps at most two fp32 gradient buffers alive.
             pending = _launch_reduce(dk_rows, dv_rows, plan, heads, kf, group)
@@ -253,7 +257,10 @@ def _launch_reduce(
     return heads, mine, _reduce_scatter(mine, full, group=group, async_op=True)
 
 
-def _finish_reduce(in_flight: tuple[slice, Tensor, Optional[dist.Work]], dk: Tensor, dv: Tensor) -> None:
+def _finish_reduce(
+    in_flight: tuple[slice, Tensor, Optional[dist.Work]], dk: Tensor, dv: Tensor
+) -> None:
+    """Wait for one head group's reduce-scatter and store its rows in q/k's dtype."""
     heads, mine, work = in_flight
     if work is not None:
         work.wait()
@@ -266,7 +273,12 @@ def _finish_reduce(in_flight: tuple[slice, Tensor, Optional[dist.Work]], dk: Ten
 
 
 def _ring_flash_attn_llama3(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group: dist.ProcessGroup, heads_k_stride: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    group: dist.ProcessGroup,
+    heads_k_stride: int,
 ) -> Tensor:
     """ring-flash-attn's `llama3_flash_attn_varlen_func`, one sample at a time.
 
@@ -294,4 +306,8 @@ def _ring_flash_attn_llama3(
 
 
 def _per_sample_bounds(bounds: list[int], batch: int, seq: int) -> list[Tensor]:
-    return [torch.tensor(_sample_starts(bounds, b, seq) + [seq], dtype=torch.int32) for b in range(batch)]
+    """Each sample's document boundaries, relative to the sample, ending with seq."""
+    return [
+        torch.tensor(_sample_starts(bounds, b, seq) + [seq], dtype=torch.int32)
+        for b in range(batch)
+    ]

@@ -6,8 +6,9 @@ Signatures and return values follow flash-attn 2.7: forwards return
 `(out, softmax_lse, S_dmask, rng_state)`, LSE is fp32 `[B, H, S_q]` (varlen: `[H, total_q]`),
 backwards write dq/dk/dv in place and return the softmax row sums `D`. The causal mask is
 aligned to the bottom-right corner when S_q != S_k, as in flash-attn >= 2.1. A row with no
-visible key gets out 0 and LSE +inf, as FA2 does. Dropout, windows, softcap and ALiBi are not
-needed by the tests and are refused.
+visible key gets out 0 and LSE +inf, as FA2 does. Unlike flash-attn it also accepts fp32 (it
+computes in fp32 whatever the input), so tests can compare at fp32 precision. Dropout, windows,
+softcap and ALiBi are not needed by the tests and are refused.
 """
 
 import torch
