@@ -11,7 +11,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from titan_cp.checkpoint.manager import CheckpointManager, PreemptionFlag
+from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_weights
+from titan_cp.checkpoint.manager import CheckpointManager
+from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer, build_dataloader
@@ -66,9 +68,12 @@ class Trainer:
             ac_mode=cfg.activation_checkpoint.mode,
             param_dtype_bytes=2 if self.device.type == "cuda" and training.mixed_precision_param == "bfloat16" else 4,
             loss_chunk_size=training.loss_chunk_size,
+            reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
         )
         print_rank0(f"memory estimate per device: {estimate.format()}", self.rank)
-        check_fits(estimate, self.device)
+        # On CPU every local rank shares the machine's RAM.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
         with torch.device("meta"):
             self.model = Transformer(self.model_args, attention=self.cp.attention)
@@ -90,7 +95,7 @@ class Trainer:
         print_rank0(
             f"model llama3 {cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.describe()}; device {self.device}",
+            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
             self.rank,
         )
 
@@ -114,6 +119,8 @@ class Trainer:
             model_args=self.model_args,
         )
         self.step = self.checkpoint.load()
+        if self.step == 0 and cfg.checkpoint.initial_load_path:
+            self._load_initial_weights(cfg.checkpoint)
         self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
         self.flops = flops_per_token(
             self.model_args.num_params(exclude_embedding=True),
@@ -124,6 +131,17 @@ class Trainer:
         )
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.flops, self.device, is_writer=self.rank == 0)
         self.preemption = PreemptionFlag()
+
+    def _load_initial_weights(self, checkpoint) -> None:
+        if not checkpoint.initial_load_in_hf:
+            raise UserError(
+                f"checkpoint.initial_load_path {checkpoint.initial_load_path}: only Hugging Face folders can be"
+                " loaded as initial weights; set checkpoint.initial_load_in_hf = true (resume titan_cp"
+                " checkpoints through job.dump_folder and checkpoint.load_step)"
+            )
+        check_hf_config_matches(checkpoint.initial_load_path, self.model_args)
+        load_hf_weights(self.model, checkpoint.initial_load_path)
+        print_rank0(f"loaded Hugging Face weights from {checkpoint.initial_load_path}", self.rank)
 
     def _grad_accum_steps(self, training) -> int:
         global_batch = training.global_batch_size
@@ -211,8 +229,6 @@ class Trainer:
                 return
             self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
         if self.cfg.checkpoint.last_save_in_hf:
-            from titan_cp.checkpoint.hf import export_hf
-
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
             export_hf(self.model, self.model_args, out_dir)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
