@@ -257,6 +257,7 @@ def _fsdp_load_and_export(rank: int, world_size: int, jobs: list[tuple[str, str]
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         model.to_empty(device="cpu")
+        model.init_weights()  # in-place init on sharded DTensors (overwritten by the load below)
         load_hf_weights(model, folder)
         embedding = model.tok_embeddings.weight
         assert isinstance(embedding, DTensor) and embedding.to_local().shape[0] == (34, 33)[rank]
