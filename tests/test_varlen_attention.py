@@ -17,7 +17,9 @@ from titan_cp.errors import UserError
 
 FAKE_FLASH_ATTN = os.path.join(os.path.dirname(__file__), "fake_flash_attn")
 # ring-flash-attn (a test extra) over the repo's CPU stand-in for the flash-attn package.
-HAVE_RING_FLASH_ATTN = os.path.isdir(FAKE_FLASH_ATTN) and importlib.util.find_spec("ring_flash_attn") is not None
+HAVE_RING_FLASH_ATTN = (
+    os.path.isdir(FAKE_FLASH_ATTN) and importlib.util.find_spec("ring_flash_attn") is not None
+)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SEQ = 72  # divisible by 2, 3 and 4
@@ -60,7 +62,8 @@ def per_document_reference(inputs: dict[str, torch.Tensor], doc_lengths=DOC_LENG
             qd = q[b, span].transpose(0, 1)
             kd = k[b, span].repeat_interleave(rep, dim=1).transpose(0, 1)
             vd = v[b, span].repeat_interleave(rep, dim=1).transpose(0, 1)
-            out[b, span] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1)
+            out_doc = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+            out[b, span] = out_doc.transpose(0, 1)
             start += n
     out.backward(inputs["dout"])
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
@@ -97,14 +100,16 @@ def _all_cases_worker(rank: int, world_size: int, inputs: dict, positions: torch
         kernels = ["sdpa_cpu"] + (["flash_attn"] if with_flash_attn and cp == FLASH_ATTN_CP else [])
         for kernel in kernels:
             for stride in STRIDES:
-                results[cp, kernel, stride] = run_shard(inputs, positions, group, rank, cp, stride, kernel)
+                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel)
+                results[cp, kernel, stride] = shard
     return results
 
 
 @pytest.fixture(scope="module")
 def distributed_results() -> tuple[dict, list[dict]]:
     inputs = make_inputs()
-    return per_document_reference(inputs), run_distributed(_all_cases_worker, max(CP_DEGREES), inputs, packed_positions())
+    per_rank = run_distributed(_all_cases_worker, max(CP_DEGREES), inputs, packed_positions())
+    return per_document_reference(inputs), per_rank
 
 
 def assert_matches(shards: list[dict], expected: dict) -> None:
@@ -120,26 +125,31 @@ def test_cp_matches_per_document_attention(distributed_results, cp: int, stride:
     assert_matches([per_rank[r][cp, "sdpa_cpu", stride] for r in range(cp)], expected)
 
 
-@pytest.mark.skipif(not HAVE_RING_FLASH_ATTN, reason="needs ring-flash-attn and the flash_attn test double")
+@pytest.mark.skipif(not HAVE_RING_FLASH_ATTN, reason="needs ring-flash-attn and the test double")
 @pytest.mark.parametrize("stride", STRIDES)
-def test_ring_flash_attn_llama3_matches_per_document_attention(distributed_results, stride: int) -> None:
-    """kernel flash_attn runs ring-flash-attn's llama3 functions (here on the CPU flash-attn double)."""
+def test_ring_flash_attn_llama3_matches_per_document_attention(
+    distributed_results, stride: int
+) -> None:
+    """kernel flash_attn runs ring-flash-attn's llama3 functions (here on the CPU double)."""
     expected, per_rank = distributed_results
-    assert_matches([per_rank[r][FLASH_ATTN_CP, "flash_attn", stride] for r in range(FLASH_ATTN_CP)], expected)
+    shards = [per_rank[r][FLASH_ATTN_CP, "flash_attn", stride] for r in range(FLASH_ATTN_CP)]
+    assert_matches(shards, expected)
 
 
 @pytest.mark.parametrize("stride", [1, N_KV_HEADS])
 def test_cp1_masks_documents(stride: int) -> None:
     inputs = make_inputs(seed=2)
     positions = packed_positions()
-    assert_matches([run_shard(inputs, positions, None, 0, 1, stride, "sdpa_cpu")], per_document_reference(inputs))
+    got = run_shard(inputs, positions, None, 0, 1, stride, "sdpa_cpu")
+    assert_matches([got], per_document_reference(inputs))
     # The test can fail: attention over the whole window (one document) differs.
     whole = per_document_reference(inputs, doc_lengths=([SEQ], [SEQ]))
     assert not torch.allclose(whole["out"], per_document_reference(inputs)["out"], atol=1e-3)
 
 
 def test_document_cu_seqlens() -> None:
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # sample 1 opens mid-document
+    # Sample 1 opens in the middle of a document: its start is a boundary all the same.
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
     assert document_cu_seqlens(positions).tolist() == [0, 3, 5, 6, 8, 12]
     assert document_cu_seqlens(positions).dtype == torch.int32
     assert positions[1, 0] == 3, "the input must not be modified"
@@ -155,7 +165,9 @@ def test_offset_causal_kernel_matches_suffix_of_full_attention(kernel: str) -> N
     v = torch.randn(sum(key_lens), N_KV_HEADS, HEAD_DIM, generator=g).to(dtype)
     q_full = torch.randn(sum(key_lens), N_Q_HEADS, HEAD_DIM, generator=g).to(dtype)
     starts = [0, 9, 13]
-    suffix = torch.cat([torch.arange(s + n - m, s + n) for s, n, m in zip(starts, key_lens, query_lens)])
+    suffix = torch.cat(
+        [torch.arange(s + n - m, s + n) for s, n, m in zip(starts, key_lens, query_lens)]
+    )
 
     def cumulative(lengths: list[int]) -> list[int]:
         return [0] + torch.tensor(lengths).cumsum(0).tolist()
@@ -185,10 +197,10 @@ def test_offset_causal_kernel_matches_suffix_of_full_attention(kernel: str) -> N
 
 def test_heads_k_stride_must_divide_kv_heads() -> None:
     inputs = make_inputs()
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    cu_seqlens = document_cu_seqlens(packed_positions())
     with pytest.raises(UserError, match="parallelism.heads_k_stride"):
-        varlen_llama3_attention(
-            inputs["q"], inputs["k"], inputs["v"], document_cu_seqlens(packed_positions()), None, 3, "sdpa_cpu"
-        )
+        varlen_llama3_attention(q, k, v, cu_seqlens, None, 3, "sdpa_cpu")
 
 
 def test_flash_varlen_op_schemas_unchanged() -> None:
@@ -232,14 +244,17 @@ def test_cuda_cp1_matches_per_document_attention(kernel: str) -> None:
         assert_close_bf16([got], expected)
 
 
-def _nccl_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor, kernel: str) -> list:
+def _nccl_worker(
+    rank: int, world_size: int, inputs: dict, positions: torch.Tensor, kernel: str
+) -> list:
     torch.cuda.set_device(rank)
     group = dist.new_group(list(range(world_size)), backend="nccl")
     device_inputs = {name: x.cuda() for name, x in inputs.items()}
-    return [
-        {name: x.cpu() for name, x in run_shard(device_inputs, positions.cuda(), group, rank, world_size, stride, kernel).items()}
-        for stride in STRIDES
-    ]
+    results = []
+    for stride in STRIDES:
+        shard = run_shard(device_inputs, positions.cuda(), group, rank, world_size, stride, kernel)
+        results.append({name: x.cpu() for name, x in shard.items()})
+    return results
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
