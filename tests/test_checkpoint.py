@@ -297,19 +297,6 @@ def test_disabled_does_nothing(tmp_path):
     assert CheckpointManager(_cfg(folder="fresh"), str(tmp_path), *_plain(), dp_rank=0).load() == 0
 
 
-def test_initial_load_path_reads_model_weights_only(tmp_path):
-    source = _plain(seed=1)
-    CheckpointManager(_cfg(folder="pretrained"), str(tmp_path), *source, dp_rank=0).save(5)
-    target = _plain(seed=2)
-    cfg = _cfg(initial_load_path=str(tmp_path / "pretrained" / "step-5"))
-    assert CheckpointManager(cfg, str(tmp_path), *target, dp_rank=0).load() == 0
-    _assert_same(_snapshot(*source)["params"], _snapshot(*target)["params"])
-    assert target[3].counter == 0 and not target[1].state
-    bad = _cfg(initial_load_path=str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match="checkpoint.initial_load_path .*initial_load_in_hf"):
-        CheckpointManager(bad, str(tmp_path), *_plain(), dp_rank=0).load()
-
-
 # ------------------------------------------------------------ kill -9 in the middle of saving
 
 

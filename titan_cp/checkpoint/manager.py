@@ -200,8 +200,7 @@ class CheckpointManager:
     def load(self) -> int:
         """Restore the configured checkpoint; return its step, or 0 when there is none to resume.
 
-        With no checkpoint to resume and `initial_load_path` set (not in HF format), the model
-        weights alone are read from that DCP folder. HF weights are the trainer's job (hf.py).
+        `initial_load_path` (weights for a fresh start) is the trainer's job, through hf.py.
         """
         if not self.cfg.enable:
             return 0
@@ -209,8 +208,6 @@ class CheckpointManager:
         if error:
             raise UserError(error)
         if step is None:
-            if self.cfg.initial_load_path and not self.cfg.initial_load_in_hf:
-                self._load_initial_weights(self.cfg.initial_load_path)
             return 0
         self._load_full(self.step_dir(step))
         return step
@@ -228,18 +225,6 @@ class CheckpointManager:
             f"checkpoint.load_step {wanted}: no complete checkpoint step-{wanted} in {self.folder};"
             f" complete steps there: {available} (-1 resumes from the latest)"
         )
-
-    def _load_initial_weights(self, path: str) -> None:
-        if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise UserError(
-                f"checkpoint.initial_load_path {path}: not a DCP checkpoint folder (no .metadata);"
-                " set checkpoint.initial_load_in_hf = true for a Hugging Face safetensors folder"
-            )
-        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        state = {"model": get_model_state_dict(self.model)}
-        _raise_agreed(_tensor_mismatch(saved, state, path))
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path))
-        set_model_state_dict(self.model, state["model"])
 
     def _load_full(self, path: str) -> None:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
