@@ -137,12 +137,12 @@ class FlashKernel(AttentionKernel):
         return _bhsd(out), lse
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
-        # cum_seq_q/k are only read for nested (varlen) inputs and the philox state only with
-        # dropout, so empty tensors stand in for the values the forward returned.
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        # cum_seq_q/k are None for dense (non-nested) inputs, as the forward returns them, and the
+        # philox state is read only with dropout, so an empty tensor stands in for it.
+        philox = torch.empty(0, dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse,
-            empty, empty, q.shape[1], k.shape[1], 0.0, causal, empty, empty, scale=scale,
+            None, None, q.shape[1], k.shape[1], 0.0, causal, philox, philox, scale=scale,
         )  # fmt: skip
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
@@ -160,10 +160,12 @@ class CudnnKernel(AttentionKernel):
         return _bhsd(out), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        # As for flash: None cum_seq for dense inputs (a defined one means nested), and philox
+        # state that only dropout reads.
+        philox = torch.empty(0, dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1),
-            empty, empty, None, empty, empty, q.shape[1], k.shape[1], 0.0, causal, scale=scale,
+            philox, philox, None, None, None, q.shape[1], k.shape[1], 0.0, causal, scale=scale,
         )  # fmt: skip
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
