@@ -141,17 +141,17 @@ def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int,
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:
     """CP attention's transient buffers for one layer, per local token (the larger algorithm).
 
-    batch_ring: two incoming K/V blocks (double-buffered), fp32 output and LSE accumulators, and
-    in backward fp32 dQ plus the travelling fp32 dK/dV pair. varlen_llama3: all cp ranks' K/V
+    batch_ring: the K/V block held and the one arriving; in backward the fp32 dQ accumulator,
+    the kernel's dQ for the block, and three fp32 dK/dV pairs (this step's, the incoming one,
+    the one being sent). The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
     gathered (heads_k_stride = all KV heads, the worst case) and their fp32 dK/dV before the
     reduce-scatter. Without cp the kernel works in place.
     """
     if cp == 1:
         return 0
-    heads = model_args.n_heads
-    q_width = heads * model_args.head_dim
+    q_width = model_args.n_heads * model_args.head_dim
     kv_width = model_args.n_kv_heads * model_args.head_dim
-    ring = 2 * 2 * kv_width * act_bytes + (q_width + heads) * FP32 + (q_width + 2 * 2 * kv_width) * FP32
+    ring = 2 * 2 * kv_width * act_bytes + q_width * act_bytes + (q_width + 3 * 2 * kv_width) * FP32
     all_gather = cp * 2 * kv_width * (act_bytes + FP32)
     return max(ring, all_gather)
 
