@@ -6,7 +6,6 @@ Every part is handed only the config section it needs.
 
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,6 @@ from titan_cp.parallel import (
     pick_device,
     set_collective_timeout,
 )
-from titan_cp.parallel.parallelize import DTYPES
 
 
 def set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:

@@ -8,7 +8,6 @@ folder into place only when everything is written.
 """
 
 import json
-import math
 import os
 import shutil
 from contextlib import ExitStack
@@ -21,8 +20,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
+from titan_cp.distributed_tensor import local_region
 from titan_cp.errors import UserError
 from titan_cp.models.llama3.args import TransformerModelArgs
 from titan_cp.models.llama3.model import Transformer
@@ -109,34 +109,6 @@ def _open_safetensors(file: Path):
         raise UserError(f"{file}: unreadable or truncated safetensors file ({e})") from None
 
 
-def _local_region(param: torch.Tensor) -> tuple[list[int], list[int]]:
-    """(global offset, local shape) of the part of `param` this rank holds.
-
-    DTensor's `Shard(d)` splits like `torch.chunk` (ceil-sized pieces, the last ones short or
-    empty), nested in mesh-dimension order. Derived here from the public placements because
-    the helper torch has for it is private.
-    """
-    shape = list(param.shape)
-    offset = [0] * len(shape)
-    if not isinstance(param, DTensor):
-        return offset, shape
-    mesh, coordinate = param.device_mesh, param.device_mesh.get_coordinate()
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if type(placement) is not Shard:
-            raise NotImplementedError(f"loading into a DTensor placed as {placement} is not supported")
-        dim, pieces = placement.dim, mesh.size(mesh_dim)
-        piece = math.ceil(shape[dim] / pieces)
-        start = min(coordinate[mesh_dim] * piece, shape[dim])
-        offset[dim] += start
-        shape[dim] = min(piece, shape[dim] - start)
-    local_shape = list(param.to_local().shape)
-    if local_shape != shape:
-        raise RuntimeError(f"computed local shape {shape} but the DTensor holds {local_shape}")
-    return offset, shape
-
-
 def load_hf_weights(model: Transformer, path: str | os.PathLike) -> None:
     """Copy a Hugging Face Llama checkpoint into `model`, each rank reading only its own shard.
 
@@ -172,7 +144,7 @@ def load_hf_weights(model: Transformer, path: str | os.PathLike) -> None:
             slices[titan_name] = tensor_slice
         with torch.no_grad():
             for titan_name, param in params.items():
-                offset, shape = _local_region(param)
+                offset, shape = local_region(param)
                 local = param.to_local() if isinstance(param, DTensor) else param
                 if 0 in shape:
                     continue

@@ -10,7 +10,7 @@ from functools import wraps
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from titan_cp.parallel.parallel_dims import ParallelDims
@@ -61,7 +61,7 @@ def apply_fsdp(
 ) -> None:
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
-    Gradients are summed, not averaged (`set_gradient_divide_factor(1.0)`): the loss is already
+    Gradients are summed, not averaged: the loss is already
     divided by the global token count (DESIGN.md invariant 4), so gradients equal cp=1's.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -75,8 +75,10 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward == "always")
     for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "unshard"):
+        if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # A plain SUM reduction: gloo has no PREMUL_SUM, which a divide factor would use.
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def parallelize_llama(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titan_cp.distributed_tensor import init_
 from titan_cp.loss import chunked_cross_entropy_sum
 from titan_cp.models.llama3.args import TransformerModelArgs
 
@@ -46,7 +47,7 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        init_(self.weight, nn.init.ones_)
 
 
 class RotaryEmbedding(nn.Module):
@@ -121,8 +122,8 @@ class Attention(nn.Module):
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+            init_(linear.weight, nn.init.trunc_normal_, mean=0.0, std=0.02)
+        init_(self.wo.weight, nn.init.trunc_normal_, mean=0.0, std=init_std)
 
 
 class FeedForward(nn.Module):
@@ -138,9 +139,9 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, init_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        init_(self.w1.weight, nn.init.trunc_normal_, mean=0.0, std=0.02)
         for linear in (self.w2, self.w3):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
+            init_(linear.weight, nn.init.trunc_normal_, mean=0.0, std=init_std)
 
 
 class TransformerBlock(nn.Module):
@@ -205,9 +206,9 @@ class Transformer(nn.Module):
         # Logits start near zero whatever the width, with a cutoff at 3 std (as torchtitan). A tied
         # table is initialised as the output projection, since unit-variance rows would blow up logits.
         std = self.args.dim**-0.5
-        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        init_(self.output.weight, nn.init.trunc_normal_, mean=0.0, std=std, a=-3 * std, b=3 * std)
         if not self.args.tie_word_embeddings:
-            nn.init.normal_(self.tok_embeddings.weight)
+            init_(self.tok_embeddings.weight, nn.init.normal_)
 
     def forward(
         self,
