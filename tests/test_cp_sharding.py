@@ -28,7 +28,8 @@ class _StubCpMesh:
 def test_zigzag_rank_holds_chunk_r_and_its_mirror(cp):
     seq = torch.arange(2 * cp * 3).view(1, -1)  # chunks of 3 tokens
     for rank in range(cp):
-        expected = list(range(3 * rank, 3 * rank + 3)) + list(range(3 * (2 * cp - 1 - rank), 3 * (2 * cp - rank)))
+        mirror = 2 * cp - 1 - rank
+        expected = list(range(3 * rank, 3 * rank + 3)) + list(range(3 * mirror, 3 * mirror + 3))
         assert shard(seq, rank, cp, "zigzag").flatten().tolist() == expected
 
 

@@ -33,8 +33,8 @@ def _full_inputs(batch, seq_len, hq, hkv, seed=0):
 def _full_reference(q, k, v, dout):
     """Causal attention without cp: out, LSE [B, H, S] and the gradients, from public ops."""
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in leaves), is_causal=True, enable_gqa=True)
-    out = out.transpose(1, 2)
+    bhsd = (x.transpose(1, 2) for x in leaves)
+    out = F.scaled_dot_product_attention(*bhsd, is_causal=True, enable_gqa=True).transpose(1, 2)
     group = q.shape[2] // k.shape[2]
     scores = q.transpose(1, 2) @ k.repeat_interleave(group, dim=2).permute(0, 2, 3, 1) * q.shape[-1] ** -0.5
     mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
@@ -60,7 +60,8 @@ def _check_ring(group: dist.ProcessGroup) -> None:
                 out, lse = ring_attention(*local, group, layout, kernel, return_lse=True)
                 out.backward(shard(dout, rank, world_size, layout))
                 torch.testing.assert_close(out, shard(ref_out, rank, world_size, layout), **TOL, msg=where)
-                torch.testing.assert_close(lse, _shard_lse(ref_lse, rank, world_size, layout), **TOL, msg=where)
+                want_lse = _shard_lse(ref_lse, rank, world_size, layout)
+                torch.testing.assert_close(lse, want_lse, **TOL, msg=where)
                 for name, x, want in zip("qkv", local, ref_grads):
                     got, want = x.grad, shard(want, rank, world_size, layout)
                     torch.testing.assert_close(got, want, **TOL, msg=f"d{name} {where}")

@@ -29,9 +29,8 @@ def _check(rank: int, world_size: int) -> None:
     use_fake_flash_attn()
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     for balancer, layout in (("zigzag", "zigzag"), ("none", "contiguous")):
-        cp = ContextParallel(
-            mesh, Parallelism(context_parallel_load_balancer=balancer), "flash_attn", False, torch.device("cpu")
-        )
+        parallelism = Parallelism(context_parallel_load_balancer=balancer)
+        cp = ContextParallel(mesh, parallelism, "flash_attn", False, torch.device("cpu"))
         for batch, seq_len, hq, hkv in ((1, 32, 8, 2), (2, 64, 4, 4)):
             where = f"rank {rank} {layout} B={batch} S={seq_len} {hq}/{hkv} heads"
             cp.validate(seq_len, hkv)
@@ -75,5 +74,6 @@ def test_missing_ring_flash_attn_is_one_line(monkeypatch):
 def test_missing_flash_attn_is_one_line(monkeypatch):
     _forget_loaded_modules(monkeypatch)
     monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", None)
     with pytest.raises(UserError, match=r"needs the flash-attn package: pip install titan_cp\[flash\]"):
         adapter.ring_flash_attn_module("zigzag_ring_flash_attn")

@@ -111,8 +111,9 @@ class ContextParallel:
         if attention_context.cu_seqlens is not None:
             from titan_cp.context_parallel.varlen_attention import varlen_llama3_attention
 
+            cu_seqlens = attention_context.cu_seqlens
             return varlen_llama3_attention(
-                q, k, v, attention_context.cu_seqlens, self.group, self.heads_k_stride, self.attn_implementation
+                q, k, v, cu_seqlens, self.group, self.heads_k_stride, self.attn_implementation
             )
         if self.cp == 1:
             return local_attention(q, k, v, self.kernel, causal=True)

@@ -69,7 +69,8 @@ class AttentionKernel:
         if repeat:
             k, v = _repeat_kv(k, group), _repeat_kv(v, group)
         dout, out = dout.to(q.dtype), out.to(q.dtype)
-        dq, dk, dv = self._backward(dout, q, k, v, out, lse.float().contiguous(), causal, q.shape[-1] ** -0.5)
+        lse = lse.float().contiguous()
+        dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, q.shape[-1] ** -0.5)
         if repeat:
             dk, dv = _reduce_kv_grad(dk, group), _reduce_kv_grad(dv, group)
         return dq, dk, dv
@@ -84,7 +85,8 @@ class AttentionKernel:
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> int:
     """The GQA group size Hq // Hkv, after checking the shapes agree."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} do not match")
+        shapes = f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
+        raise ValueError(f"attention shapes {shapes} do not match")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
     if causal and q.shape[1] != k.shape[1]:
@@ -250,11 +252,13 @@ def resolve_attn_implementation(name: str, device: torch.device) -> str:
         if device.type == "cuda":
             hopper = torch.cuda.get_device_capability(device) == (9, 0)
             return "cudnn" if hopper and torch.backends.cudnn.is_available() else "flash"
-        raise UserError(f"{_KEY} = auto has no attention kernel for device type {device.type}; use cuda or cpu")
+        raise UserError(f"{_KEY} = auto has no kernel for device type {device.type}; use cuda or cpu")
     if name not in IMPLEMENTATIONS:
         raise UserError(f"{_KEY} = {name} is not one of auto, {', '.join(IMPLEMENTATIONS)}")
     if name in ("cudnn", "flash") and device.type != "cuda":
-        raise UserError(f"{_KEY} = {name} needs a CUDA device, but the device is {device.type}; use auto or sdpa_cpu")
+        raise UserError(
+            f"{_KEY} = {name} needs a CUDA device, but the device is {device.type}; use auto or sdpa_cpu"
+        )
     if name == "cudnn" and not torch.backends.cudnn.is_available():
         raise UserError(f"{_KEY} = cudnn but this torch build has no cuDNN; use auto or flash")
     if name == "sdpa_cpu" and device.type != "cpu":

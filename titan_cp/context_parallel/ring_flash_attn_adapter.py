@@ -37,7 +37,9 @@ def ring_flash_attn_module(name: str) -> types.ModuleType:
     if _ALIAS not in sys.modules:
         spec = importlib.util.find_spec(_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"model.attn_implementation = flash_attn needs the ring-flash-attn package: {FLASH_INSTALL_HINT}")
+            raise UserError(
+                f"model.attn_implementation = flash_attn needs the ring-flash-attn package: {FLASH_INSTALL_HINT}"
+            )
         package = types.ModuleType(_ALIAS)
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules[_ALIAS] = package
@@ -60,8 +62,8 @@ def ring_flash_attention(
     """
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise UserError(
-            f"model.attn_implementation = flash_attn with cp > 1 needs bf16 or fp16 activations, got {q.dtype};"
-            " use training.mixed_precision_param = bfloat16 or another attn_implementation"
+            "model.attn_implementation = flash_attn with cp > 1 needs bf16 or fp16 activations,"
+            f" got {q.dtype}; use training.mixed_precision_param = bfloat16 or another attn_implementation"
         )
     if layout == "zigzag":
         fn = ring_flash_attn_module("zigzag_ring_flash_attn").zigzag_ring_flash_attn_func

@@ -78,7 +78,9 @@ def _flash_attn_backward(
     _refuse_unsupported(dropout_p, window_size_left, window_size_right, softcap, alibi_slopes)
     ds = []
     for b in range(q.shape[0]):
-        dq_b, dk_b, dv_b, d_b = _bwd_one(dout[b], q[b], k[b], v[b], out[b], softmax_lse[b], softmax_scale, causal)
+        dq_b, dk_b, dv_b, d_b = _bwd_one(
+            dout[b], q[b], k[b], v[b], out[b], softmax_lse[b], softmax_scale, causal
+        )
         dq[b].copy_(dq_b)
         dk[b].copy_(dk_b)
         dv[b].copy_(dv_b)
@@ -113,8 +115,9 @@ def _flash_attn_varlen_backward(
     dv.zero_()
     for (q0, q1), (k0, k1) in zip(_spans(cu_seqlens_q), _spans(cu_seqlens_k)):
         dq_s, dk_s, dv_s, d_s = _bwd_one(
-            dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], softmax_lse[:, q0:q1], softmax_scale, causal
-        )
+            dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], softmax_lse[:, q0:q1],
+            softmax_scale, causal,
+        )  # fmt: skip
         dq[q0:q1].copy_(dq_s)
         dk[k0:k1].copy_(dk_s)
         dv[k0:k1].copy_(dv_s)
