@@ -26,17 +26,19 @@ TITAN_CP_ERROR_FILE=$(mktemp)
 export TITAN_CP_ERROR_FILE
 trap 'rm -f "$TITAN_CP_ERROR_FILE"' EXIT
 
-# Forward SIGTERM (preemption) to torchrun, which passes it to every rank; the trainer then
-# saves a checkpoint and exits cleanly.
-torchrun --standalone --nproc-per-node "$NGPU" \
+# SIGTERM (preemption) goes to the ranks themselves: each saves a checkpoint and exits 0.
+# Signalling torchrun instead would make it exit 1 after its workers finished cleanly.
+python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m titan_cp.train --job.config_file "$CONFIG" "$@" &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+trapped=0
+trap 'trapped=1; pkill -TERM -P "$child" 2>/dev/null' TERM INT
 status=0
 wait "$child" || status=$?
-# A trapped signal interrupts the first wait; wait again for torchrun to finish.
-if kill -0 "$child" 2>/dev/null; then
+# A trapped signal interrupts wait (status 128+n) before torchrun ends; wait for its real status.
+if (( trapped && status > 128 )); then
+  status=0
   wait "$child" || status=$?
 fi
 
