@@ -23,7 +23,7 @@ class Job:
 @dataclass
 class Model:
     name: Literal["llama3"] = option("llama3", "model family")
-    flavor: str = option("debugmodel", "model size: debugmodel, 8B, 70B or 405B")
+    flavor: str = option("debugmodel", "model size: debugmodel, 1B, 8B, 70B or 405B")
     tokenizer_path: str = option("assets/tokenizer/tokenizer.json", "Hugging Face tokenizer.json file")
     attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
         "auto",

@@ -187,6 +187,17 @@ llama3_flavors: dict[str, TransformerModelArgs] = {
         rope_scaling=None,
         max_seq_len=8192,
     ),
+    # Llama 3.2 1B: a 1B-class model for quick GPU runs (tied embeddings, rope factor 32).
+    "1B": TransformerModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        rope_scaling=RopeScaling(factor=32.0),
+        tie_word_embeddings=True,
+    ),
     # Llama 3.1 shapes as published by Meta.
     "8B": TransformerModelArgs(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3
