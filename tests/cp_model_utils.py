@@ -136,7 +136,7 @@ def sharpen_attention(model: Transformer) -> None:
 
     At init q·k is close to 0 for every pair, so attention averages its keys: positions sharded
     in the wrong layout changed the summed loss by only 5e-7 relative, too little for a 1e-5
-    comparison to notice (with the scale: 5e-4). An elementwise scale of the local
+    comparison to notice (with the scale: over 1e-4, which the test asserts). An elementwise scale of the local
     shards is the same on FSDP DTensors as on plain tensors.
     """
     with torch.no_grad():
