@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/parity_gpu.sh OUT_DIR}
 steps=${STEPS:-10}
+mkdir -p "$out"
 
 run() {  # run NAME NGPU overrides...
   local name=$1 ngpu=$2
