@@ -11,7 +11,7 @@ from titan_cp.errors import UserError
 from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_memory
 from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import RotaryEmbedding, Transformer, TransformerBlock, sdpa_causal_attention
-from titan_cp.parallel.parallelize import checkpoint_module
+from titan_cp.parallel.parallelize import checkpoint_block
 
 DEBUG = llama3_flavors["debugmodel"]
 
@@ -61,10 +61,7 @@ def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
     batch, seq = 2, 64
     torch.manual_seed(0)
     block = TransformerBlock(0, DEBUG, sdpa_causal_attention).to(dtype)
-    if mode == "full":
-        checkpoint_module(block)
-    elif mode == "selective":
-        checkpoint_module(block.feed_forward)
+    checkpoint_block(block, mode)
     rope = RotaryEmbedding(DEBUG)
     rope.reset()
     cos, sin = rope(torch.arange(seq).expand(batch, seq))

@@ -123,16 +123,19 @@ def _block_bytes_per_token(model_args, act_bytes: int) -> dict[str, int]:
 def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int, int]:
     """(bytes a block keeps until its backward, bytes recomputed for the block in backward).
 
-    Matches titan_cp.parallel.parallelize: selective checkpoints only the feed-forward (its input,
-    the ffn norm output, is already counted in the attention half), full the whole block (only
-    its input is kept).
+    Matches titan_cp.parallel.parallelize.checkpoint_block: selective checkpoints the two norms
+    and the feed-forward (each keeps only its input, and a norm's output is kept by its
+    consumer), full the whole block (only its input is kept).
     """
     halves = _block_bytes_per_token(model_args, act_bytes)
     whole = halves["attention_half"] + halves["swiglu_half"]
     if ac_mode == "none":
         return whole, 0
     if ac_mode == "selective":
-        return halves["attention_half"], halves["swiglu_half"]
+        norm = _norm_bytes_per_token(model_args.dim, act_bytes)
+        checkpointed_norm = 2 * model_args.dim * act_bytes
+        kept = halves["attention_half"] - 2 * norm + 2 * checkpointed_norm
+        return kept, halves["swiglu_half"] + norm
     if ac_mode == "full":
         return model_args.dim * act_bytes, whole
     raise UserError(f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full")

@@ -137,6 +137,9 @@ class Comm:
 class Debug:
     seed: int = option(0, "seed for weights, data order and dropout-free randomness")
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
+    skip_memory_check: bool = option(
+        False, "start even when the memory estimate says the run does not fit (the estimate is an upper bound)"
+    )
 
 
 @dataclass

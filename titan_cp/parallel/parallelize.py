@@ -33,17 +33,24 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = forward
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """`full` recomputes whole blocks; `selective` recomputes only the feed-forward sub-layers.
+def checkpoint_block(block: nn.Module, mode: str) -> None:
+    """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward.
 
-    Selective keeps each block's attention output, so the backward pass never repeats attention
-    or its context-parallel communication, and drops the SwiGLU activations, the largest
-    per-token tensors of a Llama block.
+    Selective keeps what attention saves (q, k, v, its output and LSE), so backward never
+    repeats the attention kernel or its context-parallel communication, the costliest part of
+    a long-context block, and recomputes the cheap RMSNorms (whose fp32 copies are large) and
+    the SwiGLU, whose activations are the largest per token.
     """
-    if mode == "none":
-        return
+    if mode == "full":
+        checkpoint_module(block)
+    elif mode == "selective":
+        for module in (block.attention_norm, block.ffn_norm, block.feed_forward):
+            checkpoint_module(module)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     for block in model.layers.values():
-        checkpoint_module(block if mode == "full" else block.feed_forward)
+        checkpoint_block(block, mode)
 
 
 def apply_compile(model: nn.Module) -> None:
