@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import torch.distributed as dist
 
 from tests import cp_model_utils as cpm
@@ -167,7 +168,6 @@ def _assert_clearly_different(result: dict, reference: dict, where: str) -> None
 
 def _save_hf_model(folder: Path) -> torch.nn.Module:
     """A tiny random GQA LlamaForCausalLM (fp32), saved as safetensors."""
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=cpm.TINY_ARGS.vocab_size,
         hidden_size=64,

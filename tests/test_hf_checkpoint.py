@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.dist_utils import run_distributed
@@ -23,7 +24,6 @@ VOCAB = 67  # odd, so FSDP's dim-0 shards are uneven (34 + 33 rows)
 
 def _save_hf_model(folder: Path, tied: bool, **save_kwargs) -> torch.nn.Module:
     # Imported here, not at module level: the spawned FSDP workers import this module too.
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -118,7 +118,7 @@ def test_export_reloads_in_transformers_with_identical_tensors(hf_model, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
     assert config["rope_scaling"]["rope_type"] == "llama3"
-    reloaded = pytest.importorskip("transformers").LlamaForCausalLM.from_pretrained(out).eval()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.tie_word_embeddings == reference.config.tie_word_embeddings
     original, back = reference.state_dict(), reloaded.state_dict()
     assert original.keys() == back.keys()

@@ -1,7 +1,6 @@
 """All-gather K/V varlen attention against an independent reference: causal SDPA run one document
 at a time on the full, unsharded batch (DESIGN.md invariants 1 and 5)."""
 
-import importlib.util
 import os
 import sys
 
@@ -16,11 +15,8 @@ from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varl
 from titan_cp.errors import UserError
 
 FAKE_FLASH_ATTN = os.path.join(os.path.dirname(__file__), "fake_flash_attn")
-# ring-flash-attn (a test extra) over the repo's CPU stand-in for the flash-attn package.
-HAVE_RING_FLASH_ATTN = (
-    os.path.isdir(FAKE_FLASH_ATTN) and importlib.util.find_spec("ring_flash_attn") is not None
-)
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# CUDA tests run on the GPU machine with `python3 -m pytest -m gpu` (CPU runs deselect them).
+requires_cuda = pytest.mark.gpu
 
 SEQ = 72  # divisible by 2, 3 and 4
 # Sample 0: five uneven documents, several crossing shard edges for every cp in {2, 3, 4} and one
@@ -87,17 +83,15 @@ FLASH_ATTN_CP = 3
 
 def _all_cases_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
     """Every distributed case in one spawn (spawning dominates the cost): cp = 2, 3, 4 as
-    subgroups of one 4-process world, each with both strides; ring-flash-attn on the flash-attn
-    test double at cp = 3 when the double exists."""
-    with_flash_attn = HAVE_RING_FLASH_ATTN
-    if with_flash_attn:
-        sys.path.insert(0, FAKE_FLASH_ATTN)
+    subgroups of one 4-process world, each with both strides; ring-flash-attn (a test extra) on
+    the repo's CPU stand-in for the flash-attn package at cp = 3."""
+    sys.path.insert(0, FAKE_FLASH_ATTN)
     results = {}
     for cp in CP_DEGREES:
         group = dist.new_group(list(range(cp)))  # every rank must take part in creating it
         if rank >= cp:
             continue
-        kernels = ["sdpa_cpu"] + (["flash_attn"] if with_flash_attn and cp == FLASH_ATTN_CP else [])
+        kernels = ["sdpa_cpu"] + (["flash_attn"] if cp == FLASH_ATTN_CP else [])
         for kernel in kernels:
             for stride in STRIDES:
                 shard = run_shard(inputs, positions, group, rank, cp, stride, kernel)
@@ -125,7 +119,6 @@ def test_cp_matches_per_document_attention(distributed_results, cp: int, stride:
     assert_matches([per_rank[r][cp, "sdpa_cpu", stride] for r in range(cp)], expected)
 
 
-@pytest.mark.skipif(not HAVE_RING_FLASH_ATTN, reason="needs ring-flash-attn and the test double")
 @pytest.mark.parametrize("stride", STRIDES)
 def test_ring_flash_attn_llama3_matches_per_document_attention(
     distributed_results, stride: int
@@ -257,7 +250,7 @@ def _nccl_worker(
     return results
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.gpu  # two GPUs
 @pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 def test_nccl_cp2_matches_per_document_attention(kernel: str) -> None:
     inputs = bf16_inputs(seed=5)
