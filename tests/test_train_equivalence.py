@@ -27,6 +27,9 @@ LAYOUTS = {
     "cp2_contiguous": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_load_balancer", "none"]),
     "cp4": (4, ["--parallelism.context_parallel_degree", "4"]),
     "dp2_cp2": (4, ["--parallelism.context_parallel_degree", "2"]),
+    # The 8-GPU layouts (cp=8; dp2 x cp4) at CPU scale, until an 8-GPU machine runs them.
+    "cp8": (8, ["--parallelism.context_parallel_degree", "8"]),
+    "dp2_cp4": (8, ["--parallelism.context_parallel_degree", "4"]),
 }
 
 
