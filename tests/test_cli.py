@@ -7,6 +7,15 @@ import pytest
 
 from tests.train_utils import REPO, read_metrics, run_train
 
+def test_default_job_learns(tmp_path):
+    """The README's first command: the debug model's loss falls by at least 2 on the shipped data."""
+    result = run_train(tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_metrics(tmp_path)
+    assert records[-1]["step"] == 150
+    assert records[0]["loss"] - records[-1]["loss"] >= 2.0, (records[0]["loss"], records[-1]["loss"])
+
+
 def test_three_steps_write_three_records(tmp_path):
     result = run_train(tmp_path, "--training.steps", "3", "--metrics.log_freq", "1", "--training.seq_len", "64")
     assert result.returncode == 0, result.stderr[-2000:]
