@@ -44,3 +44,20 @@ def test_layout_matches_single_process(layout, single_process_losses, tmp_path):
 def test_activation_checkpointing_keeps_the_losses(mode, single_process_losses, tmp_path):
     losses = train_losses(tmp_path, *STEPS, "--activation_checkpoint.mode", mode)
     assert_close_losses(losses, single_process_losses, rtol=1e-5)
+
+
+PACKED = ["--training.steps", "6", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
+          "--training.seq_len", "96", "--training.sample_packing", "true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def packed_single_process_losses(tmp_path_factory) -> list[float]:
+    return train_losses(tmp_path_factory.mktemp("packed_single"), *PACKED)
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_packed_documents_match_single_process(cp, packed_single_process_losses, tmp_path):
+    """Packed documents (varlen_llama3, contiguous shards; 96 tokens split 2 or 3 ways, so
+    documents cross shard edges) give the single-process losses."""
+    losses = train_losses(tmp_path, *PACKED, "--parallelism.context_parallel_degree", str(cp), ngpu=cp)
+    assert_close_losses(losses, packed_single_process_losses, rtol=1e-4)
