@@ -46,6 +46,11 @@ def test_activation_checkpointing_keeps_the_losses(mode, single_process_losses, 
     assert_close_losses(losses, single_process_losses, rtol=1e-5)
 
 
+def test_compile_keeps_the_losses(single_process_losses, tmp_path):
+    losses = train_losses(tmp_path, *STEPS, "--compile.enable", "true")
+    assert_close_losses(losses, single_process_losses, rtol=1e-4)
+
+
 PACKED = ["--training.steps", "6", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
           "--training.seq_len", "96", "--training.sample_packing", "true"]  # fmt: skip
 
