@@ -14,6 +14,12 @@ if [[ $# -gt 0 && "$1" != --* ]]; then
   shift
 fi
 
+for arg in "$@"; do
+  if [[ "$arg" == --help || "$arg" == -h ]]; then
+    exec python3 -m titan_cp.train --help
+  fi
+done
+
 if [[ -z "${NGPU:-}" ]]; then
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [[ "$NGPU" -gt 0 ]] || NGPU=1
