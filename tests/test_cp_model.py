@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 import torch.distributed as dist
 
 from tests import cp_model_utils as cpm
 from tests.dist_utils import run_distributed
+from tests.hf_utils import save_random_llama
 from titan_cp.checkpoint.hf import load_hf_args, load_hf_model, load_hf_weights
 from titan_cp.context_parallel import ContextParallel
 from titan_cp.context_parallel.sharding import shard, unshard
@@ -167,37 +167,11 @@ def _assert_clearly_different(result: dict, reference: dict, where: str) -> None
 
 
 def _save_hf_model(folder: Path) -> torch.nn.Module:
-    """A tiny random GQA LlamaForCausalLM (fp32), saved as safetensors."""
-    config = transformers.LlamaConfig(
-        vocab_size=cpm.TINY_ARGS.vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        # Shorter than the sequence, so the Llama 3.1 frequency scaling changes the result.
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-        # Large enough that attention is peaked, so a wrong position or lost block shows.
-        initializer_range=0.15,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms at 1 would hide a swapped norm mapping
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
+    # Attention weights large enough that attention is peaked, so a wrong position or lost block shows.
+    return save_random_llama(
+        folder, vocab_size=cpm.TINY_ARGS.vocab_size, hidden_size=64, intermediate_size=96,
+        num_attention_heads=8, rope_theta=10000.0, initializer_range=0.15,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

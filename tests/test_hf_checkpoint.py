@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.dist_utils import run_distributed
+from tests.hf_utils import save_random_llama
 from titan_cp.checkpoint import hf
 from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_model, load_hf_weights
 from titan_cp.errors import UserError
@@ -23,35 +23,10 @@ VOCAB = 67  # odd, so FSDP's dim-0 shards are uneven (34 + 33 rows)
 
 
 def _save_hf_model(folder: Path, tied: bool, **save_kwargs) -> torch.nn.Module:
-    # Imported here, not at module level: the spawned FSDP workers import this module too.
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-        tie_word_embeddings=tied,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms at 1 would hide a swapped norm mapping
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
-    return model
+    return save_random_llama(
+        folder, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+        rope_theta=500000.0, tied=tied, **save_kwargs,
+    )  # fmt: skip
 
 
 def _tokens() -> torch.Tensor:
@@ -118,6 +93,8 @@ def test_export_reloads_in_transformers_with_identical_tensors(hf_model, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
     assert config["rope_scaling"]["rope_type"] == "llama3"
+    import transformers
+
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.tie_word_embeddings == reference.config.tie_word_embeddings
     original, back = reference.state_dict(), reloaded.state_dict()
