@@ -13,6 +13,7 @@ import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -31,6 +32,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
+    # One thread per rank: the ranks share the machine's few cores.
+    torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)

@@ -18,7 +18,9 @@ TINY = [
 
 
 def run_train(dump_folder: Path, *overrides: str, ngpu: int = 1, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "NGPU": str(ngpu), "OMP_NUM_THREADS": "1", **(env or {})}
+    # Several ranks share the cores; a single process keeps torch's default threads.
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ngpu))}
+    full_env = {**os.environ, "NGPU": str(ngpu), **threads, **(env or {})}
     return subprocess.run(
         ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
          "--job.dump_folder", str(dump_folder), *overrides],

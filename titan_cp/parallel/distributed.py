@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ def init_distributed(device: torch.device, init_timeout_seconds: int) -> tuple[i
     rank = int(os.environ.get("RANK", "0"))
     if "MASTER_ADDR" not in os.environ:
         # Started without torchrun: a one-process group keeps the code path the same.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend,
@@ -26,6 +27,12 @@ def init_distributed(device: torch.device, init_timeout_seconds: int) -> tuple[i
         device_id=device if device.type == "cuda" else None,
     )
     return rank, world_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_collective_timeout(seconds: int) -> None:
