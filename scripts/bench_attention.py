@@ -330,6 +330,12 @@ def varlen_method(inputs: Inputs, kernel_name: str, rank: int, world: int, devic
     return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous", notes)
 
 
+def native_needs_cuda() -> Method:
+    # Not attempted on CPU: torch's native CP has no sharding rule for the CPU attention op, and
+    # a failed attempt leaves its process groups half used, which can abort the process at exit.
+    raise NotImplementedError("native context_parallel has no CPU attention kernel (needs CUDA SDPA backends)")
+
+
 def native_method(inputs: Inputs, kernel_name: str, rotate: str, world: int, device: torch.device) -> Method:
     """PyTorch's context_parallel: shards [B, H, S, D] buffers head-tail, patches SDPA."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -513,7 +519,8 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             for kernel in (k for k in kernels if k in NATIVE_BACKENDS):
                 plan.append((
                     Row(f"native_cp/{rotate}", kernel, seq_len, world),
-                    lambda k=kernel, r=rotate: native_method(inputs, k, r, world, device),
+                    (lambda k=kernel, r=rotate: native_method(inputs, k, r, world, device))
+                    if device.type == "cuda" else native_needs_cuda,
                     reference("dense", dense),
                 ))  # fmt: skip
 
@@ -577,6 +584,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     indent=1,
                 )
     if dist.is_initialized():
+        barrier(world, device)  # no rank tears its groups down while another still uses them
         dist.destroy_process_group()
 
 

@@ -67,7 +67,7 @@ def test_unavailable_native_kernel_is_reported_not_fatal(two_rank_run):
     """PyTorch's native CP has no CPU attention kernel: its rows say why instead of crashing."""
     _, result = two_rank_run
     native = [r for r in result["rows"] if r["method"].startswith("native_cp")]
-    # The reason is torch's own refusal, not an ImportError of the private set_rotate_method.
+    # The reason names the missing CPU kernel, not an ImportError of the private set_rotate_method.
     assert native and all(r["status"].startswith("n/a (NotImplementedError: ") for r in native), native
     assert all(r["ms"] is None for r in native)
 
