@@ -4,14 +4,12 @@ The reference for a resumed run is the same run without interruption: with deter
 algorithms, the losses, gradient norms and learning rates after the resume must be bit-identical.
 """
 
-import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from tests.train_utils import REPO, TINY, read_metrics, run_train
+from tests.train_utils import TINY, read_metrics, run_train, start_training, trainer_ranks
 
 DP2_CP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"]
 SIX_STEPS = ["--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3"]
@@ -46,34 +44,12 @@ def test_resume_after_step_3_matches_the_straight_run_bit_for_bit(tmp_path):
             assert record[key] == expected[record["step"]][key], (record["step"], key, record, expected[record["step"]])
 
 
-def _worker_pids(dump_folder: Path) -> list[int]:
-    """Live trainer processes (not the launcher) of the run writing to `dump_folder`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"titan_cp.train" in cmdline and str(dump_folder).encode() in cmdline and b"torch.distributed.run" not in cmdline:
-            pids.append(int(pid))
-    return pids
-
-
 def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path):
-    env = {**os.environ, "NGPU": "4", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(
-        ["bash", "scripts/run_train.sh", "train_configs/debug_model.toml", "--job.dump_folder", str(tmp_path),
-         *TINY, *DP2_CP2, "--training.steps", "100000",
-         "--checkpoint.enable", "true", "--checkpoint.interval", "100000"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    launcher = start_training(
+        tmp_path, *TINY, *DP2_CP2, "--training.steps", "100000",
+        "--checkpoint.enable", "true", "--checkpoint.interval", "100000", ngpu=4,
+    )  # fmt: skip
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and metrics.stat().st_size > 0):
-            assert launcher.poll() is None, launcher.stdout.read()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.5)
         launcher.send_signal(signal.SIGTERM)
         output, _ = launcher.communicate(timeout=120)
     finally:
@@ -84,4 +60,4 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path):
     last_logged = read_metrics(tmp_path)[-1]["step"]
     assert _complete_steps(tmp_path) == [last_logged], output[-3000:]
     assert not [p for p in (tmp_path / "checkpoint").iterdir() if ".tmp-" in p.name]
-    assert not _worker_pids(tmp_path), "trainer processes outlived the launcher"
+    assert not trainer_ranks(tmp_path), "trainer processes outlived the launcher"

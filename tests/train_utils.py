@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,3 +46,42 @@ def assert_close_losses(actual: list[float], expected: list[float], rtol: float)
         assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
 
 
+
+
+def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float = 180) -> subprocess.Popen:
+    """Start the launcher in the background and return once the first metrics record exists."""
+    launcher = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
+         "--job.dump_folder", str(dump_folder), *overrides],
+        cwd=REPO, env={**os.environ, "NGPU": str(ngpu), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = dump_folder / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        if launcher.poll() is not None:
+            raise AssertionError(f"the run ended before training:\n{launcher.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            launcher.kill()
+            raise AssertionError("training did not start")
+        time.sleep(0.5)
+    return launcher
+
+
+def trainer_ranks(dump_folder: Path) -> dict[int, int]:
+    """RANK -> pid of every live trainer process (not torchrun) of the run writing to `dump_folder`."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"titan_cp.train" not in cmdline or str(dump_folder).encode() not in cmdline:
+            continue
+        if b"torch.distributed.run" in cmdline:
+            continue
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = int(pid)
+    return ranks
