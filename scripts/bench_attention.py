@@ -19,7 +19,9 @@ FLOPs (printed with the table): causal forward = 2 matmuls x 2 FLOPs x B*H*S*S*D
 sum(L_doc^2) in place of S^2. TFLOP/s per GPU = FLOPs / cp / time; cp efficiency = that rate /
 the single-device rate of the same kernel at S/cp. Every CP row is first checked once against
 a single-device reference (PyTorch SDPA on the full sequence, per document when packed) and the
-max error printed. A row that cannot run says why ("n/a (...)", "OOM") instead of stopping the
+max error printed. Every row is timed in --rounds rounds that interleave the rows (per round the
+median of --iters steps on the slowest rank) and reported as the median over the rounds, so a
+drift of the GPU clocks cannot favour one row. A row that cannot run says why ("n/a (...)", "OOM") instead of stopping the
 run; a failure on one rank in the middle of a collective can still stall the others until
 --timeout.
 """
@@ -68,7 +70,8 @@ class Row:
     kernel: str
     seq_len: int
     cp: int
-    ms: Optional[float] = None
+    ms: Optional[float] = None  # median over rounds of `times`
+    times: list[float] = field(default_factory=list)  # per round: the slowest rank's median ms
     tflops_per_gpu: Optional[float] = None
     efficiency: Optional[float] = None
     check: str = ""  # "ok <err>" / "FAIL <err>" / "" when not checked
@@ -103,6 +106,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads-k-stride", type=int, default=1, help="KV heads gathered at a time by varlen_llama3")
     p.add_argument("--native-rotate", nargs="+", default=["allgather", "alltoall"], choices=["allgather", "alltoall"])
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time every row this many times, interleaved with the other rows; report the median")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="check every CP method once against the single-device reference")  # fmt: skip
@@ -418,12 +423,15 @@ def run_row(
     device: torch.device,
     reference: Optional[Callable[[], tuple[torch.Tensor, ...]]],
 ) -> Row:
-    """Build, check once, then time one row; all ranks agree on its outcome."""
+    """Build, check (when given a reference), then time one round of `row`; all ranks agree on
+    its outcome. A row that failed in an earlier round is not run again."""
+    if row.status != "ok":
+        return row
     barrier(world, device)
     ms = math.nan
     try:
         method = build()
-        row.notes += method.notes
+        row.notes += [note for note in method.notes if note not in row.notes]
         with method.context:
             if reference is not None:
                 results = tuple(gather_full(t, row.cp, method.layout) for t in method.step())
@@ -450,7 +458,8 @@ def _agree(row: Row, ms: float, world: int) -> Row:
         row.status = failed[0]
         return row
     row.check = next((check for _, _, check in outcomes if check.startswith("FAIL")), row.check)
-    row.ms = max(t for _, t, _ in outcomes)
+    row.times.append(max(t for _, t, _ in outcomes))
+    row.ms = statistics.median(row.times)
     return row
 
 
@@ -524,11 +533,16 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     reference("dense", dense),
                 ))  # fmt: skip
 
-        for row, build, check in plan:
-            rows.append(run_row(row, build, args, world, device, check))
-            if rank == 0:
-                done = f"{row.ms:.2f} ms" if row.status == "ok" else row.status
-                print(f"[bench] {row.method} {row.kernel} S={row.seq_len} cp={row.cp}: {done} {row.check}", flush=True)
+        # Rounds interleave the rows, so a drift of the GPU clocks shows in every row alike
+        # rather than in whichever row ran while it lasted; each row is checked in round 1 only.
+        for round_index in range(args.rounds):
+            for row, build, check in plan:
+                run_row(row, build, args, world, device, check if round_index == 0 else None)
+                if rank == 0:
+                    done = f"{row.times[-1]:.2f} ms" if row.status == "ok" else row.status
+                    where = f"{row.method} {row.kernel} S={row.seq_len} cp={row.cp} round {round_index + 1}"
+                    print(f"[bench] {where}: {done} {row.check if round_index == 0 else ''}", flush=True)
+        rows += [row for row, _, _ in plan]
         del inputs, dense, cache
     add_rates(rows, flops)
     return rows

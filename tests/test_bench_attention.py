@@ -15,7 +15,7 @@ from tests.dist_utils import run_distributed
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"
 TINY = ["--device", "cpu", "--dtype", "float32", "--seqlens", "64", "--heads", "4", "--kv-heads", "2",
-        "--head-dim", "16", "--iters", "2", "--warmup", "1"]  # fmt: skip
+        "--head-dim", "16", "--iters", "2", "--warmup", "1", "--rounds", "2"]  # fmt: skip
 
 
 def load_script():
@@ -61,6 +61,8 @@ def test_titan_cp_rows_are_checked_and_timed(two_rank_run):
             assert row["check"].startswith("ok "), row
             assert float(row["check"].split()[1]) < 1e-4
             assert row["ms"] > 0 and row["tflops_per_gpu"] > 0 and row["efficiency"] > 0
+            # Two rounds, reported as their median.
+            assert len(row["times"]) == 2 and row["ms"] == pytest.approx(sum(row["times"]) / 2), row
 
 
 def test_unavailable_native_kernel_is_reported_not_fatal(two_rank_run):

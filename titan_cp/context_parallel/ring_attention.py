@@ -12,9 +12,13 @@ Which part of a block is visible follows from the layout and the source rank:
 - contiguous: same rank -> causal; lower -> everything; higher -> nothing.
 
 Partial results merge through their LSE in fp32 (stable form of the softmax-weighted average):
-`out <- out - sigmoid(lse_b - lse) * (out - out_b)`, `lse <- lse - logsigmoid(lse - lse_b)`.
+`out <- lerp(out, out_b, sigmoid(lse_b - lse))`, `lse <- lse - logsigmoid(lse - lse_b)`; `lerp_`
+does the output update in one pass over the fp32 accumulator.
 The backward pass runs every block's kernel backward against the final merged out/LSE, and sends
 the block's fp32 dK/dV around the ring one step behind its K/V, so it arrives home at the end.
+Each rank adds its contribution straight into the buffer it received. The last hop, the one no
+compute hides, travels in the input dtype: its receiver would round the fp32 sum to that dtype
+anyway, so rounding before sending gives the same bits for half the bytes.
 """
 
 import torch
@@ -70,9 +74,8 @@ def _block_plan(step: int, rank: int, source: int, layout: Layout, seq_len: int)
 def _merge(out, lse, block_out, block_lse, rows: slice) -> None:
     """Merge one block's (out, lse) into the fp32 accumulators for query rows `rows`, in place."""
     acc_out, acc_lse = out[:, rows], lse[:, :, rows]
-    block_out = block_out.float()
     weight = torch.sigmoid(block_lse - acc_lse).transpose(1, 2).unsqueeze(-1)
-    acc_out.sub_(weight * (acc_out - block_out))
+    acc_out.lerp_(block_out.float(), weight)
     acc_lse.sub_(F.logsigmoid(acc_lse - block_lse))
 
 
@@ -108,38 +111,46 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         seq_len = q.shape[1]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
+        dq = dkv = None
         dkv_requests: list = []
-        dkv_in = None
         for step in range(ring.size):
-            if step + 1 < ring.size:
+            last = step + 1 == ring.size
+            if not last:
                 next_kv, kv_requests = ring.exchange(kv)
             plan = _block_plan(step, ring.rank, (ring.rank - step) % ring.size, ctx.layout, seq_len)
-            dkv = None
+            dk_b = dv_b = None
             if plan is not None:
                 rows, cols, causal = plan
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
                     dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
                     out[:, rows], lse[:, :, rows], causal,
                 )  # fmt: skip
-                dq[:, rows] += dq_b
-                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-                dkv[0][:, cols] = dk_b
-                dkv[1][:, cols] = dv_b
-            # The block's gradient so far arrives from the rank that held it one step earlier.
-            if step > 0:
-                _wait(dkv_requests)
-                dkv = dkv_in if dkv is None else dkv.add_(dkv_in)
-            if ring.size > 1:
-                dkv_in, dkv_requests = ring.exchange(dkv)
+                if dq is None:  # step 0 covers every local query
+                    dq = dq_b.float()
+                else:
+                    dq[:, rows] += dq_b
+            if step == 0:  # the local block, whole: its gradient starts here in fp32
+                dkv = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+                dkv[0].copy_(dk_b)
+                dkv[1].copy_(dv_b)
             else:
-                dkv_in = dkv
-            if step + 1 < ring.size:
+                # The block's gradient so far arrives from the rank that held it one step earlier.
+                _wait(dkv_requests)
+                dkv = dkv_in
+                if dk_b is not None:
+                    dkv[0][:, cols] += dk_b
+                    dkv[1][:, cols] += dv_b
+            if ring.size > 1:
+                send = dkv.to(k.dtype) if last else dkv  # kept alive until the requests complete
+                dkv_in, dkv_requests = ring.exchange(send)
+            if not last:
                 _wait(kv_requests)
                 kv = next_kv
-        _wait(dkv_requests)
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+        if ring.size > 1:
+            _wait(dkv_requests)
+            dkv = dkv_in
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(
