@@ -86,6 +86,10 @@ class Parallelism:
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = option(
         "default", "free gathered parameters after forward: default lets FSDP decide per module"
     )
+    fsdp_prefetch: int = option(
+        0, "all-gather prefetch depth: 0 leaves prefetching to FSDP2; N makes each block gather the next N"
+        " blocks in forward and the previous N in backward (up to N+1 blocks gathered at once)",
+    )
     context_parallel_load_balancer: Literal["zigzag", "none"] = option(
         "zigzag", "sequence layout for batch_ring: zigzag (2*cp chunks, balanced) or none (contiguous)"
     )

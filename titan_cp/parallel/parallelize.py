@@ -59,17 +59,38 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=False)
 
 
+def set_prefetch(blocks: list[FSDPModule], depth: int) -> None:
+    """Make each block issue the all-gathers of the next `depth` blocks in forward and of the
+    previous `depth` blocks in backward, nearest first.
+
+    On its own FSDP2 issues a block's forward all-gather when the CPU reaches that block (early
+    enough while the CPU runs ahead of the GPU) and prefetches one block in backward. Gathering
+    further ahead hides the all-gathers when a block's compute is shorter than its all-gather, at
+    the cost of up to `depth` + 1 gathered blocks at once. `depth` 0 keeps FSDP2's own behaviour.
+    Both setters are public since torch 2.4 (pytorch#128884) and act the same on 1-D (FSDP) and
+    2-D (HSDP) meshes.
+    """
+    if depth == 0:
+        return
+    for index, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + depth])
+        # Backward runs the blocks in reverse, so the nearest previous block is gathered first.
+        block.set_modules_to_backward_prefetch(blocks[max(index - depth, 0) : index][::-1])
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     reshard_after_forward: str,
+    prefetch: int = 0,
 ) -> None:
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
     Gradients are summed, not averaged: the loss is already
     divided by the global token count (DESIGN.md invariant 4), so gradients equal cp=1's.
+    `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`).
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
@@ -81,6 +102,9 @@ def apply_fsdp(
             reshard = reshard_after_forward == "always"
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward == "always")
+    # The root is left out: before the first block it computes only the embedding lookup, so there
+    # is no compute for an early all-gather of the first blocks to hide behind.
+    set_prefetch(blocks, prefetch)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -111,4 +135,5 @@ def parallelize_llama(
             param_dtype=DTYPES[training.mixed_precision_param] if on_gpu else torch.float32,
             reduce_dtype=DTYPES[training.mixed_precision_reduce] if on_gpu else torch.float32,
             reshard_after_forward=parallelism.fsdp_reshard_after_forward,
+            prefetch=parallelism.fsdp_prefetch,
         )
