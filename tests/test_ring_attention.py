@@ -67,6 +67,22 @@ def _check_ring(group: dist.ProcessGroup) -> None:
                     torch.testing.assert_close(got, want, **TOL, msg=f"d{name} {where}")
 
 
+def _check_ring_bf16(group: dist.ProcessGroup) -> None:
+    """In bf16 the ring accumulates in bf16 at cp = 2 and in fp32 beyond; both match fp32 attention."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, dout = _full_inputs(1, 64, 8, 2, seed=5)
+    ref_out, _, ref_grads = _full_reference(q, k, v, dout)
+    local = [shard(x, rank, world_size, "zigzag").bfloat16().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*local, group, "zigzag", get_kernel("sdpa_cpu"))
+    out.backward(shard(dout, rank, world_size, "zigzag").bfloat16())
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), shard(ref_out, rank, world_size, "zigzag"), **tol)
+    for name, x, want in zip("qkv", local, ref_grads):
+        assert x.grad.dtype == torch.bfloat16
+        want = shard(want, rank, world_size, "zigzag")
+        torch.testing.assert_close(x.grad.float(), want, **tol, msg=f"d{name} cp={world_size} rank {rank}")
+
+
 def _check_context_parallel(mesh) -> None:
     """The trainer's entry point: shard full tensors, attend, compare with full attention."""
     rank, world_size = mesh.get_local_rank(), mesh.size()
@@ -97,6 +113,8 @@ def _check_all(rank: int, world_size: int) -> None:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     _check_ring(dist.group.WORLD)
     _check_ring(pairs[rank // 2])
+    _check_ring_bf16(dist.group.WORLD)
+    _check_ring_bf16(pairs[rank // 2])
     _check_context_parallel(init_device_mesh("cpu", (4,), mesh_dim_names=("cp",)))
     _check_context_parallel(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))["cp"])
 
@@ -120,3 +138,15 @@ def test_cp1_is_the_local_causal_kernel():
     torch.testing.assert_close(out, ref_out, **TOL)
     for x, want in zip(local, ref_grads):
         torch.testing.assert_close(x.grad, want, **TOL)
+
+
+def test_bf16_add_rounds_once():
+    """The premise of the ring's cp = 2 bf16 accumulation: a bf16 add computes in fp32 and rounds
+    once, so it equals an fp32 sum of the same two values rounded at the end, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(4096, generator=g) * torch.logspace(-3, 3, 4096)).bfloat16()
+    b = (torch.randn(4096, generator=g) * torch.logspace(3, -3, 4096)).bfloat16()
+    in_place = a.clone()
+    in_place[1000:] += b[1000:]
+    want = torch.cat([a[:1000], (a[1000:].float() + b[1000:].float()).bfloat16()])
+    assert torch.equal(in_place, want)

@@ -19,6 +19,12 @@ the block's fp32 dK/dV around the ring one step behind its K/V, so it arrives ho
 Each rank adds its contribution straight into the buffer it received. The last hop, the one no
 compute hides, travels in the input dtype: its receiver would round the fp32 sum to that dtype
 anyway, so rounding before sending gives the same bits for half the bytes.
+
+Gradients accumulate in fp32 only where it changes the result. Over two ranks every dQ and
+dK/dV element is the sum of at most two kernel outputs, and an elementwise add of two bf16/fp16
+tensors already computes in fp32 and rounds once, which gives exactly the bits of an fp32 sum
+rounded at the end; so with cp = 2 the accumulators stay in the input dtype (no conversions,
+half the bytes on the ring), and from cp = 3 on they are fp32.
 """
 
 import torch
@@ -112,6 +118,7 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(ctx.group)
         seq_len = q.shape[1]
         kv = torch.stack([k, v])
+        accumulate = q.dtype if ring.size <= 2 else torch.float32
         dq = dkv = None
         dkv_requests: list = []
         for step in range(ring.size):
@@ -127,11 +134,11 @@ class _RingAttention(torch.autograd.Function):
                     out[:, rows], lse[:, :, rows], causal,
                 )  # fmt: skip
                 if dq is None:  # step 0 covers every local query
-                    dq = dq_b.float()
+                    dq = dq_b.to(accumulate)
                 else:
                     dq[:, rows] += dq_b
-            if step == 0:  # the local block, whole: its gradient starts here in fp32
-                dkv = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+            if step == 0:  # the local block, whole: its gradient starts here
+                dkv = torch.empty(kv.shape, dtype=accumulate, device=kv.device)
                 dkv[0].copy_(dk_b)
                 dkv[1].copy_(dv_b)
             else:
