@@ -11,9 +11,9 @@ the compute stream's time per step into:
   K/V stacking, dQ/dK/dV accumulation, GQA repeats), largest first;
 - idle: step time minus the union of compute-stream activity, i.e. time the compute stream
   waits for communication or for the CPU to launch work;
-and reports NCCL kernel time (which overlaps compute when the ring hides it). `--gqa` runs the
-cuDNN kernel with K/V heads repeated locally (titan_cp's portable path) and/or with cuDNN's
-native GQA. Rank 0 writes each profile as a gzipped Chrome trace beside the JSON summary.
+and reports NCCL kernel time (which overlaps compute when the ring hides it). `--gqa` gives the
+kernel K/V heads repeated locally to the query heads (`repeat`) and/or as they are (`native`,
+for kernels with their own GQA: titan_cp's default for cudnn and flash). Rank 0 writes each profile as a gzipped Chrome trace beside the JSON summary.
 """
 
 import argparse
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="bfloat16")
     p.add_argument("--kernel", default="cudnn", help="titan_cp attention kernel name")
-    p.add_argument("--gqa", nargs="+", choices=["repeat", "native"], default=["repeat"],
+    p.add_argument("--gqa", nargs="+", choices=["repeat", "native"], default=["native"],
                    help="K/V heads repeated locally, or passed to the kernel as they are")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="timed steps, without the profiler")
@@ -75,8 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def attention_steps(args, inputs, rank: int, world: int, native_gqa: bool) -> dict[str, Callable]:
     """{name: fwd+bwd step} for the single-GPU baseline at S/cp and the ring at S."""
     kernel = get_kernel(args.kernel)
-    if native_gqa:
-        kernel.native_gqa = True
+    kernel.native_gqa = native_gqa
     local = args.seq_len // world
     single = bench._leaves(*(t[:, :local] for t in (inputs.q, inputs.k, inputs.v)))
     ring = bench._leaves(*(shard(t, rank, world, "zigzag") for t in (inputs.q, inputs.k, inputs.v)))

@@ -56,6 +56,14 @@ def test_sharding_divides_the_fp32_state():
         assert getattr(eight, field) == pytest.approx(getattr(one, field) / 8, rel=1e-6)
 
 
+def test_explicit_prefetch_adds_gathered_blocks():
+    """parallelism.fsdp_prefetch N holds N + 1 gathered blocks; 0 and 1 keep FSDP2's two."""
+    block_bf16 = count_params(DEBUG).per_block * 2
+    peak = {n: estimate_memory(DEBUG, 64, 1, 8, 1, "full", 2, 0, fsdp_prefetch=n).gathered_params_peak for n in (0, 1, 3)}
+    assert peak[1] == peak[0]
+    assert peak[3] - peak[0] == block_bf16 * 2
+
+
 def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
     """Bytes autograd keeps for one block's backward, measured with saved-tensor hooks."""
     batch, seq = 2, 64

@@ -169,6 +169,7 @@ def estimate_memory(
     param_dtype_bytes: int,
     loss_chunk_size: int,
     reshard_after_forward: str = "default",
+    fsdp_prefetch: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a training step.
 
@@ -176,7 +177,8 @@ def estimate_memory(
     `dp_shard_cp` the number of ranks FSDP shards over, `param_dtype_bytes` the compute dtype's
     size (2 for bf16, 4 for fp32: also the activations' dtype), `loss_chunk_size` the tokens per
     logits chunk (0 = all local tokens at once), `reshard_after_forward` the value of
-    parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward).
+    parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward),
+    `fsdp_prefetch` parallelism.fsdp_prefetch (N >= 2 holds N + 1 gathered blocks at once).
     """
     counts = count_params(model_args)
     local_tokens = local_batch_size * seq_len // cp
@@ -185,11 +187,13 @@ def estimate_memory(
 
     # FSDP's root unit (embedding, final norm, output) stays gathered from forward to the end of
     # backward, and so do its unsharded gradients; per block, two are gathered at once with
-    # prefetch, and in backward one block's unsharded gradient and its fp32 reduce-scatter
+    # FSDP2's own prefetch (the running block and the next), N + 1 with an explicit prefetch of
+    # N blocks, and in backward one block's unsharded gradient and its fp32 reduce-scatter
     # input exist too. Without sharding and without a cast, parameters are used in place.
     if dp_shard_cp > 1 or param_dtype_bytes != FP32:
         root = counts.embedding + counts.output + counts.final_norm
-        gathered = 2 * root * act + 2 * counts.per_block * act + counts.per_block * (act + FP32)
+        blocks_gathered = max(2, fsdp_prefetch + 1)
+        gathered = 2 * root * act + blocks_gathered * counts.per_block * act + counts.per_block * (act + FP32)
         if reshard_after_forward == "never":
             gathered += counts.n_layers * counts.per_block * act
     else:

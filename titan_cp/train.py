@@ -67,6 +67,7 @@ class Trainer:
             param_dtype_bytes=2 if self.device.type == "cuda" and training.mixed_precision_param == "bfloat16" else 4,
             loss_chunk_size=training.loss_chunk_size,
             reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+            fsdp_prefetch=cfg.parallelism.fsdp_prefetch,
         )
         print_rank0(f"memory estimate per device: {estimate.format()}", self.rank)
         # On CPU every local rank shares the machine's RAM.

@@ -150,9 +150,16 @@ class FlashKernel(AttentionKernel):
 
 
 class CudnnKernel(AttentionKernel):
-    """cuDNN's fused attention (CUDA; the fastest on Hopper). KV heads are repeated locally."""
+    """cuDNN's fused attention (CUDA; the fastest on Hopper), with cuDNN's own GQA.
+
+    The aten op takes fewer K/V heads than query heads and returns dK/dV per K/V head. Its
+    backward kernel is a little slower than with repeated heads, but skipping the repeat and the
+    gradient reduction is a net gain: 2-4% on the ring at 32K and 1% at 128K on 2 H200s
+    (scripts/profile_ring.py --gqa repeat native, docs/performance.md).
+    """
 
     name = "cudnn"
+    native_gqa = True
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
