@@ -146,7 +146,8 @@ def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) ->
 
     batch_ring: the K/V block held and the one arriving; in backward the fp32 dQ accumulator,
     the kernel's dQ for the block, and three fp32 dK/dV pairs (this step's, the incoming one,
-    the one being sent). The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
+    the one being sent); at cp = 2 these accumulate in the input dtype, so this is an upper bound
+    there. The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
     gathered (heads_k_stride = all KV heads, the worst case) and their fp32 dK/dV before the
     reduce-scatter. Without cp the kernel works in place.
     """
