@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Training throughput of the same Llama 3 in Hugging Face transformers, on one device: the
+peer for titan_cp's end-to-end figures, run on the same GPU in the same session.
+
+    python scripts/bench_hf_peer.py --flavor 1B --seq-len 16384 --steps 10 --out hf.json
+
+The peer is what an HF-based trainer (the HF Trainer, axolotl) runs on one GPU: LlamaForCausalLM
+built from titan_cp's flavor (same shapes, vocabulary, RoPE scaling, tied embeddings; the
+script refuses to run if the parameter counts differ), fp32 weights under bf16 autocast, SDPA
+attention, fused AdamW, gradient clipping at 1.0, the loss over full-vocabulary logits, and HF's
+gradient checkpointing with --activation-checkpointing. Tokens are synthetic (uniform over the
+vocabulary); tokens/s = tokens per step / median step time after --warmup steps. titan_cp on
+the same shapes (docs/performance.md):
+
+    NGPU=1 ./scripts/run_train.sh train_configs/debug_model.toml --model.flavor 1B \
+        --training.seq_len 16384 --training.local_batch_size 1 --training.steps 10
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from titan_cp.memory import count_params
+from titan_cp.models.llama3.args import llama3_flavors
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flavor", default="1B", choices=sorted(llama3_flavors))
+    p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--activation-checkpointing", action="store_true", help="HF gradient checkpointing")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def build_peer(flavor: str, device: torch.device):
+    """LlamaForCausalLM with titan_cp's `flavor` shapes, SDPA attention, fp32 weights on `device`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model_args = llama3_flavors[flavor]
+    fields = {k: v for k, v in model_args.to_hf_config().items() if k not in ("model_type", "torch_dtype")}
+    config = LlamaConfig(**fields)
+    with torch.device(device):
+        # fp32 weights: torch's default dtype, which from_config keeps.
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ours = count_params(model_args).total
+    theirs = sum(p.numel() for p in model.parameters())
+    if ours != theirs:
+        raise SystemExit(f"HF model has {theirs} parameters, titan_cp's {flavor} {ours}: not the same model")
+    return model, theirs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model, n_params = build_peer(args.flavor, device)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    vocab = model.config.vocab_size
+    tokens = torch.randint(vocab, (args.batch, args.seq_len), device=device)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # synchronises, so the wall clock below times the whole step
+
+    times, losses = [], []
+    try:
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            losses.append(step())
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        # Running out of memory is a result here (the peer does not fit), not a crash.
+        print(f"HF peer {args.flavor} S={args.seq_len} B={args.batch}: out of memory", flush=True)
+        result = {"flavor": args.flavor, "seq_len": args.seq_len, "batch": args.batch, "status": "OOM"}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+    step_s = statistics.median(times)
+    result = {
+        "status": "ok",
+        "peer": f"transformers LlamaForCausalLM (sdpa, bf16 autocast, fp32 weights{', gradient checkpointing' if args.activation_checkpointing else ''})",
+        "flavor": args.flavor,
+        "params": n_params,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": args.batch * args.seq_len / step_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "losses": losses,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    import transformers
+
+    result["transformers"] = transformers.__version__
+    memory = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+    print(
+        f"HF peer {args.flavor} ({n_params:,} params) S={args.seq_len} B={args.batch} on {result['device']}: "
+        f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.1f} ms/step{memory}",
+        flush=True,
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
