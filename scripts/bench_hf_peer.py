@@ -22,6 +22,8 @@ import statistics
 import time
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from titan_cp.memory import count_params
 from titan_cp.models.llama3.args import llama3_flavors
@@ -43,8 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_peer(flavor: str, device: torch.device):
     """LlamaForCausalLM with titan_cp's `flavor` shapes, SDPA attention, fp32 weights on `device`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     model_args = llama3_flavors[flavor]
     fields = {k: v for k, v in model_args.to_hf_config().items() if k not in ("model_type", "torch_dtype")}
     config = LlamaConfig(**fields)
@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
         return loss.item()  # synchronises, so the wall clock below times the whole step
 
     times, losses = [], []
+    result = {"flavor": args.flavor, "params": n_params, "seq_len": args.seq_len, "batch": args.batch}
     try:
         for i in range(args.warmup + args.steps):
             start = time.perf_counter()
@@ -88,41 +89,32 @@ def main(argv=None) -> dict:
                 times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
         # Running out of memory is a result here (the peer does not fit), not a crash.
+        result["status"] = "OOM"
         print(f"HF peer {args.flavor} S={args.seq_len} B={args.batch}: out of memory", flush=True)
-        result = {"flavor": args.flavor, "seq_len": args.seq_len, "batch": args.batch, "status": "OOM"}
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return result
-    step_s = statistics.median(times)
-    result = {
-        "status": "ok",
-        "peer": f"transformers LlamaForCausalLM (sdpa, bf16 autocast, fp32 weights{', gradient checkpointing' if args.activation_checkpointing else ''})",
-        "flavor": args.flavor,
-        "params": n_params,
-        "seq_len": args.seq_len,
-        "batch": args.batch,
-        "step_ms": step_s * 1e3,
-        "tokens_per_s": args.batch * args.seq_len / step_s,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "losses": losses,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-    }
-    import transformers
-
-    result["transformers"] = transformers.__version__
-    memory = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
-    print(
-        f"HF peer {args.flavor} ({n_params:,} params) S={args.seq_len} B={args.batch} on {result['device']}: "
-        f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.1f} ms/step{memory}",
-        flush=True,
-    )
+    else:
+        step_s = statistics.median(times)
+        result.update(
+            status="ok",
+            peer="transformers LlamaForCausalLM (sdpa, bf16 autocast, fp32 weights"
+            + (", gradient checkpointing)" if args.activation_checkpointing else ")"),
+            step_ms=step_s * 1e3,
+            tokens_per_s=args.batch * args.seq_len / step_s,
+            peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            losses=losses,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+        )
+        memory = f", peak {result['peak_memory_gib']:.1f} GiB" if device.type == "cuda" else ""
+        print(
+            f"HF peer {args.flavor} ({n_params:,} params) S={args.seq_len} B={args.batch} on {result['device']}: "
+            f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.1f} ms/step{memory}",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
 
 if __name__ == "__main__":
     main()

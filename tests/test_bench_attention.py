@@ -1,6 +1,5 @@
 """scripts/bench_attention.py on CPU with tiny shapes: every row present, CP outputs checked."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,18 +10,12 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"
 TINY = ["--device", "cpu", "--dtype", "float32", "--seqlens", "64", "--heads", "4", "--kv-heads", "2",
         "--head-dim", "16", "--iters", "2", "--warmup", "1", "--rounds", "2"]  # fmt: skip
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,7 @@ def test_unavailable_native_kernel_is_reported_not_fatal(two_rank_run):
 
 
 def test_flops_formula():
-    bench = load_script()
+    bench = load_script("bench_attention")
     b, h, d, s = 2, 4, 16, 64
     assert bench.causal_flops([[s]] * b, h, d) == 7 * b * h * d * s * s
     assert bench.causal_flops([[40, 24]], h, d) == 7 * h * d * (40**2 + 24**2)
@@ -85,7 +78,7 @@ def test_flops_formula():
 
 def _checked_ring_rows(rank: int, world: int) -> list[str]:
     """The ring row's check as is, and with rank 1's output shifted by 0.05."""
-    bench = load_script()
+    bench = load_script("bench_attention")
     args = bench.parse_args(TINY)
     device = torch.device("cpu")
     inputs = bench.make_inputs(args, 64, device)

@@ -1,27 +1,17 @@
 """scripts/bench_hf_peer.py builds the same model as titan_cp's flavor and trains it."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
+from tests.script_utils import load_script
 from titan_cp.memory import count_params
 from titan_cp.models.llama3.args import llama3_flavors
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_hf_peer.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_hf_peer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_peer_is_the_same_model_and_trains(tmp_path):
     out = tmp_path / "hf.json"
-    result = load_script().main(["--flavor", "debugmodel", "--seq-len", "32", "--steps", "2", "--warmup", "1",
+    result = load_script("bench_hf_peer").main(["--flavor", "debugmodel", "--seq-len", "32", "--steps", "2", "--warmup", "1",
                                  "--device", "cpu", "--out", str(out)])  # fmt: skip
     args = llama3_flavors["debugmodel"]
     assert result["params"] == count_params(args).total
@@ -32,7 +22,7 @@ def test_peer_is_the_same_model_and_trains(tmp_path):
 
 
 def test_peer_keeps_titan_cp_shapes():
-    model, _ = load_script().build_peer("debugmodel", torch.device("cpu"))
+    model, _ = load_script("bench_hf_peer").build_peer("debugmodel", torch.device("cpu"))
     args = llama3_flavors["debugmodel"]
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.dist_utils import run_distributed
 from tests.hf_utils import save_random_llama
+from tests.script_utils import load_script
 from titan_cp.checkpoint import hf
 from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_model, load_hf_weights
 from titan_cp.errors import UserError
@@ -262,13 +263,7 @@ def test_fsdp_sharded_load_and_export_match_transformers(tmp_path):
 
 
 def _convert_main():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("convert_checkpoint").main
 
 
 def test_convert_hf_to_dcp_and_back(hf_model, tmp_path, capsys):

@@ -4,20 +4,11 @@ The profiler itself needs CUDA; the arithmetic over its Chrome trace is checked 
 trace whose answer is known.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_ring.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("profile_ring", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.script_utils import load_script
 
 
 def _kernel(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
@@ -39,7 +30,7 @@ def test_split_trace(tmp_path):
     ]
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    split = load_script().split_trace(str(trace), steps=2, step_ms=10.0)
+    split = load_script("profile_ring").split_trace(str(trace), steps=2, step_ms=10.0)
     assert split["attention_ms"] == pytest.approx(6.0)
     assert split["other_compute_ms"] == pytest.approx(1.75)  # (2 x 1000 + 1500) / 2 steps
     assert split["nccl_ms"] == pytest.approx(3.5)

@@ -15,7 +15,7 @@ Partial results merge through their LSE in fp32 (stable form of the softmax-weig
 `out <- lerp(out, out_b, sigmoid(lse_b - lse))`, `lse <- lse - logsigmoid(lse - lse_b)`; `lerp_`
 does the output update in one pass over the fp32 accumulator.
 The backward pass runs every block's kernel backward against the final merged out/LSE, and sends
-the block's fp32 dK/dV around the ring one step behind its K/V, so it arrives home at the end.
+the block's dK/dV around the ring one step behind its K/V, so it arrives home at the end.
 Each rank adds its contribution straight into the buffer it received. The last hop, the one no
 compute hides, travels in the input dtype: its receiver would round the fp32 sum to that dtype
 anyway, so rounding before sending gives the same bits for half the bytes.
