@@ -34,18 +34,29 @@ def read_metrics(dump_folder: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def train_losses(dump_folder: Path, *overrides: str, ngpu: int = 1) -> list[float]:
+def train_curves(dump_folder: Path, *overrides: str, ngpu: int = 1) -> dict[str, list[float]]:
+    """Per-step `loss` and `grad_norm` of a tiny launcher run that logs every step."""
     result = run_train(dump_folder, *TINY, *overrides, ngpu=ngpu)
     assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return [record["loss"] for record in read_metrics(dump_folder)]
+    records = read_metrics(dump_folder)
+    return {key: [record[key] for record in records] for key in ("loss", "grad_norm")}
 
 
-def assert_close_losses(actual: list[float], expected: list[float], rtol: float) -> None:
+def train_losses(dump_folder: Path, *overrides: str, ngpu: int = 1) -> list[float]:
+    return train_curves(dump_folder, *overrides, ngpu=ngpu)["loss"]
+
+
+def assert_close_losses(actual: list[float], expected: list[float], rtol: float, what: str = "loss") -> None:
     assert len(actual) == len(expected), (actual, expected)
     for step, (a, e) in enumerate(zip(actual, expected), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
+        assert abs(a - e) <= rtol * abs(e), f"step {step} {what}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
 
 
+def assert_close_curves(actual: dict[str, list[float]], expected: dict[str, list[float]], rtol: float) -> None:
+    """Losses and gradient norms agree step by step. Equal losses alone cannot reveal a constant
+    error in the gradient scale: AdamW normalises it away, and clipping hides it in the update."""
+    for what in ("loss", "grad_norm"):
+        assert_close_losses(actual[what], expected[what], rtol, what)
 
 
 def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float = 180) -> subprocess.Popen:
