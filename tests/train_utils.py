@@ -52,11 +52,18 @@ def assert_close_losses(actual: list[float], expected: list[float], rtol: float,
         assert abs(a - e) <= rtol * abs(e), f"step {step} {what}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
 
 
+# The reported gradient norm is an fp32 reduction over each whole gradient; on CPU the unsharded
+# run's norm of the debug model's gradients is off by up to 1.2e-4 relative from the float64 norm
+# of the same gradients (the sharded runs' partial sums are shorter and closer). A gradient-scale
+# mistake (a factor of dp or cp) is orders of magnitude larger than this tolerance.
+GRAD_NORM_RTOL = 1e-3
+
+
 def assert_close_curves(actual: dict[str, list[float]], expected: dict[str, list[float]], rtol: float) -> None:
-    """Losses and gradient norms agree step by step. Equal losses alone cannot reveal a constant
-    error in the gradient scale: AdamW normalises it away, and clipping hides it in the update."""
-    for what in ("loss", "grad_norm"):
-        assert_close_losses(actual[what], expected[what], rtol, what)
+    """Losses (within `rtol`) and gradient norms agree step by step. Equal losses alone cannot
+    reveal a constant error in the gradient scale: AdamW normalises it away, and clipping hides it."""
+    assert_close_losses(actual["loss"], expected["loss"], rtol, "loss")
+    assert_close_losses(actual["grad_norm"], expected["grad_norm"], max(rtol, GRAD_NORM_RTOL), "grad_norm")
 
 
 def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float = 180) -> subprocess.Popen:
