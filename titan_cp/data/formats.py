@@ -247,11 +247,10 @@ class Encoder:
             end = ends[-1] if end < 0 else end
             first = bisect.bisect_right(ends, start)  # first token ending after the span starts
             stop = bisect.bisect_left(starts, end, lo=first)  # first token starting at or after its end
-            if first >= stop:
-                continue
-            # The span's tokens and the one after them, the token that ends the turn.
-            for i in range(first, min(stop + 1, len(ids))):
-                mask[i] = True
+            if first < stop:
+                # The span's tokens and the one after them, the token that ends the turn.
+                last = min(stop + 1, len(ids))
+                mask[first:last] = [True] * (last - first)
         mask[0] = False
         return ids, mask
 
