@@ -14,6 +14,7 @@ from tests.chat_utils import (
     CONVERSATIONS,
     LLAMA3_STYLE,
     NO_SYSTEM_STYLE,
+    REASONING_STYLE,
     SHIPPED_TOKENIZER,
     hf_tokenizer,
     tokenizer_folder,
@@ -29,6 +30,7 @@ TEMPLATES = {
     "llama3_jinja_file": (LLAMA3_STYLE, "file", CONVERSATIONS),
     "chatml_named_list": (CHATML_STYLE, "named", CONVERSATIONS),
     "no_system": (NO_SYSTEM_STYLE, "config", CONVERSATIONS[1:]),
+    "reasoning": (REASONING_STYLE, "config", CONVERSATIONS),
 }
 
 
@@ -64,7 +66,7 @@ def test_chat_rendering_and_ids_equal_apply_chat_template(tmp_path, name) -> Non
         assert mask == [False] + [True] * (len(ids) - 1)
 
 
-@pytest.mark.parametrize("name", ["llama3_jinja_file", "chatml_named_list"])
+@pytest.mark.parametrize("name", ["llama3_jinja_file", "chatml_named_list", "reasoning"])
 def test_targets_are_the_assistant_spans_and_the_end_of_turn_token(tmp_path, name) -> None:
     folder, conversations = folder_for(tmp_path, name)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
@@ -76,6 +78,9 @@ def test_targets_are_the_assistant_spans_and_the_end_of_turn_token(tmp_path, nam
         assert any(mask) and not all(mask[1:])
         turn_ends = {ids[i] for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])}
         assert turn_ends == set(tok.encode("<|eot_id|>" if "llama3" in name else "<|im_end|>"))
+    if name == "reasoning":  # the rendered answer has no reasoning, and is found all the same
+        ids, mask = Encoder(tok, "chat").encode_batch([{"messages": conversations[-1]}])[0]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "A Roman general.<|im_end|>"
 
 
 def test_alpaca_goes_through_the_template_as_one_user_and_one_assistant_turn(tmp_path) -> None:
