@@ -17,12 +17,12 @@ from tests.chat_utils import (
     REASONING_STYLE,
     SHIPPED_TOKENIZER,
     hf_tokenizer,
+    one_line_error,
     tokenizer_folder,
 )
 from titan_cp.data.chat_template import compile_template, render
 from titan_cp.data.formats import Encoder, encode_dataset
 from titan_cp.data.tokenizer import Tokenizer
-from titan_cp.errors import UserError
 
 # (template, where it is stored, conversations it accepts)
 TEMPLATES = {
@@ -159,15 +159,6 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def one_line(fn, *parts: str) -> None:
-    with pytest.raises(UserError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, message
-
-
 def test_bad_records_name_file_and_line(tmp_path) -> None:
     folder = tokenizer_folder(tmp_path / "f", NO_SYSTEM_STYLE)
     tok = Tokenizer(folder)
@@ -177,28 +168,28 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
         return lambda: list(encode_dataset(path, fmt, tok, train_on_inputs, batch_size=2))
 
     missing = write_jsonl(tmp_path / "missing.jsonl", [chat, {"text": "x"}, {"msgs": []}])
-    one_line(encode(missing, "alpaca"), missing, "line 1", "is a chat record in a alpaca dataset")
-    one_line(encode(missing, "chat"), missing, "line 2", "text record in a chat dataset")
+    one_line_error(encode(missing, "alpaca"), missing, "line 1", "is a chat record in a alpaca dataset")
+    one_line_error(encode(missing, "chat"), missing, "line 2", "text record in a chat dataset")
     no_fields = write_jsonl(tmp_path / "no_fields.jsonl", [chat, chat, {"msgs": []}])
-    one_line(encode(no_fields), no_fields, "line 3", "needs 'messages'", "found missing")
-    one_line(encode(write_jsonl(tmp_path / "u.jsonl", [{"msgs": 1}])), "u.jsonl line 1", "none of the fields")
+    one_line_error(encode(no_fields), no_fields, "line 3", "needs 'messages'", "found missing")
+    one_line_error(encode(write_jsonl(tmp_path / "u.jsonl", [{"msgs": 1}])), "u.jsonl line 1", "none of the fields")
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [chat, {"instruction": "a", "output": "b"}])
-    one_line(encode(mixed), mixed, "line 2", "alpaca record in a chat dataset", f"auto took it from {mixed} line 1")
+    one_line_error(encode(mixed), mixed, "line 2", "alpaca record in a chat dataset", f"auto took it from {mixed} line 1")
     system = write_jsonl(tmp_path / "system.jsonl", [chat, {"messages": CONVERSATIONS[0]}])
-    one_line(encode(system), system, "line 2", str(folder / "tokenizer_config.json"), "System role not supported")
+    one_line_error(encode(system), system, "line 2", str(folder / "tokenizer_config.json"), "System role not supported")
     bad_role = write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"content": "hi"}]}])
-    one_line(encode(bad_role), bad_role, "line 1", "message 1", "'role'")
-    one_line(lambda: Encoder(Tokenizer(SHIPPED_TOKENIZER), "chat").encode_batch([chat]), str(SHIPPED_TOKENIZER),
+    one_line_error(encode(bad_role), bad_role, "line 1", "message 1", "'role'")
+    one_line_error(lambda: Encoder(Tokenizer(SHIPPED_TOKENIZER), "chat").encode_batch([chat]), str(SHIPPED_TOKENIZER),
              "no chat template")
-    one_line(lambda: Encoder(tok, "csv"), "training.dataset_format", "prompt_completion")
+    one_line_error(lambda: Encoder(tok, "csv"), "training.dataset_format", "prompt_completion")
 
     rewrites = Tokenizer(tokenizer_folder(tmp_path / "upper", "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"))
     path = write_jsonl(tmp_path / "upper.jsonl", [chat])
-    one_line(encode_with(rewrites, path), path, "message 2 (assistant)", "train_on_inputs = true")
+    one_line_error(encode_with(rewrites, path), path, "message 2 (assistant)", "train_on_inputs = true")
     assert list(encode_dataset(path, "chat", rewrites, "true"))  # with every token a target, nothing to locate
 
     broken = tokenizer_folder(tmp_path / "broken", "{% for m in messages %}")
-    one_line(lambda: Encoder(Tokenizer(broken), "chat"), str(broken / "tokenizer_config.json"), "not valid Jinja")
+    one_line_error(lambda: Encoder(Tokenizer(broken), "chat"), str(broken / "tokenizer_config.json"), "not valid Jinja")
 
 
 def encode_with(tok, path):

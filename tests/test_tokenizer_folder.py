@@ -2,11 +2,15 @@
 
 import json
 
-import pytest
-
-from tests.chat_utils import CHATML_STYLE, LLAMA3_STYLE, SHIPPED_TOKENIZER, hf_tokenizer, tokenizer_folder
+from tests.chat_utils import (
+    CHATML_STYLE,
+    LLAMA3_STYLE,
+    SHIPPED_TOKENIZER,
+    hf_tokenizer,
+    one_line_error,
+    tokenizer_folder,
+)
 from titan_cp.data.tokenizer import Tokenizer
-from titan_cp.errors import UserError
 
 
 def added_token(content: str) -> dict:
@@ -48,11 +52,7 @@ def test_template_sources(tmp_path) -> None:
 
 def test_folder_errors(tmp_path) -> None:
     def error(path, *parts):
-        with pytest.raises(UserError) as info:
-            Tokenizer(path)
-        assert "\n" not in str(info.value)
-        for part in parts:
-            assert part in str(info.value), str(info.value)
+        one_line_error(lambda: Tokenizer(path), *parts)
 
     (tmp_path / "empty").mkdir()
     error(tmp_path / "empty", "model.tokenizer_path", "has no tokenizer.json")
