@@ -26,11 +26,18 @@ if [[ -z "${NGPU:-}" ]]; then
 fi
 LOG_RANK=${LOG_RANK:-0}
 
-# Ranks write a user mistake (bad key, file, degree) here and exit quietly, so the user sees
+# Ranks write a user mistake (bad key, file, degree) here instead of raising it, so the user sees
 # one line instead of torchrun's failure report; this script then exits 2.
 TITAN_CP_ERROR_FILE=$(mktemp)
 export TITAN_CP_ERROR_FILE
 trap 'rm -f "$TITAN_CP_ERROR_FILE"' EXIT
+
+# With several ranks and no OMP_NUM_THREADS, torchrun warns and gives each rank one thread;
+# share the machine's cores between the ranks instead.
+if [[ -z "${OMP_NUM_THREADS:-}" && "$NGPU" -gt 1 ]]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))
+  export OMP_NUM_THREADS
+fi
 
 # torchrun runs in a session of its own (setsid), so a Ctrl-C at the terminal reaches this script
 # only, not torchrun: torchrun would answer it with tracebacks. Signals are passed on to the
@@ -68,14 +75,10 @@ on_interrupt() {
 trap on_interrupt INT
 trap 'pkill -TERM -P "$child" 2>/dev/null || true' TERM HUP
 
-# A mistake found on some ranks only leaves the others waiting in a collective until its timeout:
-# once a rank has reported one, the ranks still running get a few seconds to end by themselves.
-error_seen_at=0
+# A rank that finds a mistake writes it to the error file and waits: the ranks still running may
+# be waiting for it in a collective, so every rank is ended here at once (no failure report).
 while kill -0 "$child" 2>/dev/null; do
-  if [[ -s "$TITAN_CP_ERROR_FILE" ]] && (( error_seen_at == 0 )); then
-    error_seen_at=$SECONDS
-  fi
-  if (( error_seen_at > 0 && SECONDS - error_seen_at >= 5 )); then
+  if [[ -s "$TITAN_CP_ERROR_FILE" ]]; then
     kill_all_now
     break
   fi

@@ -250,7 +250,7 @@ def _nccl_worker(
     return results
 
 
-@pytest.mark.gpu  # two GPUs
+@pytest.mark.gpu(2)
 @pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 def test_nccl_cp2_matches_per_document_attention(kernel: str) -> None:
     inputs = bf16_inputs(seed=5)

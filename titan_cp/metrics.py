@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from titan_cp.metrics_backends import MetricsBackend
+from titan_cp.config.schema import Metrics
+from titan_cp.metrics_backends import MetricsBackend, build_backends
 from titan_cp.output_folder import keep_earlier_run
 
 # Dense bf16 peak of an H100/H200 SXM; MFU is reported against it on CUDA.
@@ -53,7 +54,8 @@ class MetricsLogger:
     Every rank calls `step_done` after each step and `log` at the same steps; `log_validation`
     records a validation loss; `finish` prints the run's summary. Records go to
     `{dump_folder}/metrics.jsonl` (one JSON object per line: training steps have "loss",
-    validation records "validation_loss") and to each backend (TensorBoard, W&B).
+    validation records "validation_loss") and to the backends `cfg` turns on (TensorBoard under
+    `{dump_folder}/tb`, W&B with `run_config` as the run's config).
 
     A new run (`start_step` 0) moves an earlier run's metrics.jsonl and TensorBoard folder aside;
     a resumed run appends to them.
@@ -68,7 +70,8 @@ class MetricsLogger:
         world_size: int,
         total_steps: int,
         start_step: int,
-        backends: list[MetricsBackend] = (),
+        cfg: Metrics | None = None,
+        run_config: dict | None = None,
     ):
         self.flops = flops
         self.device = device
@@ -76,7 +79,7 @@ class MetricsLogger:
         self.world_size = world_size
         self.total_steps = total_steps
         self.start_step = start_step
-        self.backends = list(backends)
+        self.backends: list[MetricsBackend] = []
         self.path = os.path.join(dump_folder, METRICS_FILE)
         self.run_start = time.perf_counter()
         self.first_step_end: float | None = None
@@ -86,18 +89,17 @@ class MetricsLogger:
         self.window_tokens = 0
         if is_writer:
             self._start_file(dump_folder)
+            # After _start_file, which moves an earlier run's TensorBoard folder aside.
+            tensorboard_folder = os.path.join(dump_folder, TENSORBOARD_FOLDER)
+            self.backends = build_backends(cfg or Metrics(), tensorboard_folder, dump_folder, run_config or {})
 
     def _start_file(self, dump_folder: str) -> None:
         if self.start_step > 0:
             print(f"resuming at step {self.start_step + 1}: appending to {self.path}", flush=True)
             return
-        suffix = keep_earlier_run(dump_folder, [METRICS_FILE, TENSORBOARD_FOLDER])
-        if suffix:
-            print(
-                f"{dump_folder} holds an earlier run: its {METRICS_FILE} (and {TENSORBOARD_FOLDER}/) kept with"
-                f" the suffix .{suffix}; this run starts a new {METRICS_FILE}",
-                flush=True,
-            )
+        kept = keep_earlier_run(dump_folder, [METRICS_FILE, TENSORBOARD_FOLDER])
+        if kept:
+            print(f"{dump_folder} holds an earlier run's metrics, kept as {', '.join(kept)}", flush=True)
 
     def step_done(self, step: int, tokens: int) -> None:
         """Count a finished step and its real (non-padding) tokens over all devices."""

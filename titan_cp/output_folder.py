@@ -43,14 +43,12 @@ def _file_on_the_way(folder: str) -> str | None:
     return None if os.path.isdir(path) else path
 
 
-def keep_earlier_run(folder: str, names: list[str]) -> str | None:
-    """Rename the entries `names` of `folder` that exist to `<stem>.<time>` (their last change).
-
-    Returns the time suffix used, or None when there was nothing to move.
-    """
+def keep_earlier_run(folder: str, names: list[str]) -> list[str]:
+    """Rename the entries `names` of `folder` that exist to `<stem>.<time><ext>` (time of their
+    last change); returns the new names ([] when there was nothing to move)."""
     existing = [name for name in names if os.path.exists(os.path.join(folder, name))]
     if not existing:
-        return None
+        return []
     last_change = max(os.path.getmtime(os.path.join(folder, name)) for name in existing)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(last_change))
     suffix, n = stamp, 1
@@ -59,7 +57,7 @@ def keep_earlier_run(folder: str, names: list[str]) -> str | None:
         suffix = f"{stamp}-{n}"
     for name in existing:
         os.rename(os.path.join(folder, name), os.path.join(folder, _renamed(name, suffix)))
-    return suffix
+    return [_renamed(name, suffix) for name in existing]
 
 
 def _renamed(name: str, suffix: str) -> str:

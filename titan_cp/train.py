@@ -8,6 +8,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,7 @@ from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.memory import check_fits, estimate_memory
-from titan_cp.metrics import TENSORBOARD_FOLDER, MetricsLogger, flops_per_token, print_rank0
-from titan_cp.metrics_backends import build_backends
+from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
 from titan_cp.loss import IGNORE_INDEX
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
@@ -233,20 +233,16 @@ class Trainer:
             self.model_args.head_dim,
             self.cfg.training.seq_len,
         )
-        dump_folder, is_writer = self.cfg.job.dump_folder, self.rank == 0
-        backends = []
-        if is_writer:
-            tensorboard_folder = os.path.join(dump_folder, TENSORBOARD_FOLDER)
-            backends = build_backends(self.cfg.metrics, tensorboard_folder, dump_folder, dataclasses.asdict(self.cfg))
         return MetricsLogger(
-            dump_folder,
+            self.cfg.job.dump_folder,
             flops,
             self.device,
-            is_writer=is_writer,
+            is_writer=self.rank == 0,
             world_size=self.world_size,
             total_steps=self.cfg.training.steps,
             start_step=self.step,
-            backends=backends,
+            cfg=self.cfg.metrics,
+            run_config=dataclasses.asdict(self.cfg),
         )
 
     def _load_initial_weights(self, checkpoint) -> None:
@@ -346,6 +342,10 @@ class Trainer:
         self.metrics.close()
 
 
+# How long a rank that reported an error waits for scripts/run_train.sh to end the job.
+_LAUNCHER_GRACE_SECONDS = 60
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # Set by scripts/run_train.sh. Under it the launcher prints a user mistake and owns the exit
@@ -357,14 +357,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         stopped_by = Trainer(cfg).train()
     except UserError as error:
-        if error_file:
-            # Every failing rank appends (one short write each); the launcher prints the first
-            # line and ends the ranks that did not fail, should they wait in a collective.
-            with open(error_file, "a") as f:
-                f.write(f"error: {error}\n")
-        elif int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(0 if error_file else 2)
+        if not error_file:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            os._exit(2)
+        # Every failing rank appends its line (one short write each); the launcher prints the
+        # first and ends every rank at once, also those waiting for this one in a collective.
+        # This rank waits for that instead of exiting: its closed connections would make the
+        # others fail first, with tracebacks.
+        with open(error_file, "a") as f:
+            f.write(f"error: {error}\n")
+        time.sleep(_LAUNCHER_GRACE_SECONDS)
+        os._exit(0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
