@@ -194,3 +194,9 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
 
 def encode_with(tok, path):
     return lambda: list(encode_dataset(path, "chat", tok))
+
+
+def test_a_conversation_that_renders_to_nothing_is_an_empty_document(tmp_path) -> None:
+    tok = Tokenizer(tokenizer_folder(tmp_path / "f", "{% for m in messages if m['role'] == 'tool' %}x{% endfor %}"))
+    assert Encoder(tok, "chat", "true").encode_batch([{"messages": CONVERSATIONS[2]}]) == [([], [])]
+    assert list(encode_dataset(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[2]}]), "chat", tok, "true")) == []
