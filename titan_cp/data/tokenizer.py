@@ -79,8 +79,8 @@ class Tokenizer:
         self.bos_id: int | None = None if self.bos_token is None else self._id_of(self.bos_token)
         self.eos_id: int = self._id_of(self.eos_token)
         self.pad_id: int = self._id_of(self.pad_token)
-        # What `tokenizer(text)` adds in transformers; titan_cp's own documents always get BOS and
-        # EOS (docs/chat_data.md), these are kept for exports and plain prompt formats.
+        # The config's wish for `tokenizer(text)`, kept for exports; titan_cp's plain documents
+        # always get BOS (where there is one) and EOS, which ends a document (docs/chat_data.md).
         self.add_bos_token: bool = bool(config.get("add_bos_token", self.bos_id is not None))
         self.add_eos_token: bool = bool(config.get("add_eos_token", False))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
