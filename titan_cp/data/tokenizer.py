@@ -26,7 +26,7 @@ from titan_cp.errors import UserError
 BOS_NAMES = ("<|begin_of_text|>", "<s>")
 EOS_NAMES = ("<|end_of_text|>", "</s>")
 PAD_NAMES = ("<|pad|>", "<pad>")
-# The named special tokens transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+# The standard named special tokens (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -56,12 +56,16 @@ class Tokenizer:
             if self.chat_template_source is not None and self.chat_template_source not in self.files:
                 self.files.append(self.chat_template_source)
 
-        # The named tokens the config sets, as transformers passes them to a chat template.
+        # The named tokens the config sets, as transformers passes them to a chat template: the
+        # standard names, then any other `*_token` key holding a token (e.g. `image_token`).
         self.special_tokens: dict[str, str] = {
             name: self._token_content(config[name], name)
             for name in TEMPLATE_TOKEN_NAMES
             if config.get(name) is not None
         }
+        for name, value in config.items():
+            if name.endswith("_token") and name not in self.special_tokens and _is_token(value):
+                self.special_tokens[name] = self._token_content(value, name)
         self.bos_token: str | None = self._named("bos_token", BOS_NAMES, config)
         if self.bos_token is None and "bos_token" not in config:
             raise UserError(
@@ -161,6 +165,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)
 
 
 def _load_tokenizer_json(file: Path) -> HFTokenizer:
