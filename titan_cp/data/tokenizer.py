@@ -47,7 +47,8 @@ class Tokenizer:
         else:
             raise UserError(f"model.tokenizer_path: tokenizer file {self.path} does not exist")
         self._tok = _load_tokenizer_json(tokenizer_file)
-        self.files: list[Path] = [tokenizer_file]  # every file read; an export copies them
+        # Every file read, the tokenizer.json first (whatever its name); an export copies them.
+        self.files: list[Path] = [tokenizer_file]
         config = self._read_config() if self.path.is_dir() else {}
         self.chat_template: str | None = None
         self.chat_template_source: Path | None = None  # the file the template was read from
