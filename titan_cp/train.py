@@ -6,11 +6,13 @@ Every part is handed only the config section it needs.
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_weights
+from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
+from titan_cp.checkpoint.hf_serving import serving_files
 from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
@@ -19,7 +21,7 @@ from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 from titan_cp.memory import check_fits, estimate_memory
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
-from titan_cp.models.llama3 import Transformer, llama3_flavors
+from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.parallel import (
     ParallelDims,
@@ -28,6 +30,9 @@ from titan_cp.parallel import (
     pick_device,
     set_collective_timeout,
 )
+
+
+DEFAULT_TOKENIZER = "assets/tokenizer/tokenizer.json"
 
 
 def set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -49,8 +54,8 @@ class Trainer:
 
         training = cfg.training
         self.grad_accum_steps = self._grad_accum_steps(training)
-        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
-        self.model_args = self._model_args(cfg.model.flavor)
+        self.tokenizer = Tokenizer(self._tokenizer_source())
+        self.model_args = self._model_args()
 
         self.cp = ContextParallel(
             meshes.cp, cfg.parallelism, cfg.model.attn_implementation, training.sample_packing, self.device
@@ -93,7 +98,7 @@ class Trainer:
         self.model.train()
         n_params = self.model_args.num_params(exclude_embedding=False)
         print_rank0(
-            f"model llama3 {cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
+            f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
             f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
             self.rank,
@@ -155,14 +160,37 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def _model_args(self, flavor: str):
-        if flavor not in llama3_flavors:
-            raise UserError(f"model.flavor '{flavor}' is not known; valid: {', '.join(llama3_flavors)}")
-        args = llama3_flavors[flavor]
+    def _tokenizer_source(self) -> str:
+        """model.tokenizer_path, else the model.hf_assets_path folder, else the shipped tokenizer."""
+        model = self.cfg.model
+        if model.tokenizer_path:
+            return model.tokenizer_path
+        if not model.hf_assets_path:
+            return DEFAULT_TOKENIZER
+        if not (Path(model.hf_assets_path) / "tokenizer.json").is_file():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: no tokenizer.json in the folder; set"
+                " model.tokenizer_path to a tokenizer.json file or a Hugging Face tokenizer folder"
+            )
+        return model.hf_assets_path
+
+    def _model_source(self) -> str:
+        hf_assets_path = self.cfg.model.hf_assets_path
+        return f"(shape from {Path(hf_assets_path) / 'config.json'})" if hf_assets_path else self.cfg.model.flavor
+
+    def _model_args(self) -> TransformerModelArgs:
+        """The shape from model.hf_assets_path's config.json, else from model.flavor."""
+        model = self.cfg.model
+        if model.hf_assets_path:
+            args = load_hf_args(model.hf_assets_path)
+        elif model.flavor not in llama3_flavors:
+            raise UserError(f"model.flavor '{model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
+        else:
+            args = llama3_flavors[model.flavor]
         if self.tokenizer.vocab_size > args.vocab_size:
             raise UserError(
-                f"tokenizer {self.cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} tokens but model"
-                f" flavor {flavor} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
+                f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but model"
+                f" {self._model_source()} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
             )
         return args
 
@@ -230,7 +258,9 @@ class Trainer:
             self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
-            export_hf(self.model, self.model_args, out_dir)
+            serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
+            dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.cfg.checkpoint.export_dtype]
+            export_hf(self.model, self.model_args, out_dir, dtype=dtype, serving=serving)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
 
 
