@@ -167,6 +167,11 @@ class Trainer:
             return model.tokenizer_path
         if not model.hf_assets_path:
             return DEFAULT_TOKENIZER
+        if not Path(model.hf_assets_path).is_dir():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: not a folder; expected a Hugging Face model"
+                " folder with config.json and tokenizer files"
+            )
         if not (Path(model.hf_assets_path) / "tokenizer.json").is_file():
             raise UserError(
                 f"model.hf_assets_path {model.hf_assets_path}: no tokenizer.json in the folder; set"
