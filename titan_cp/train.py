@@ -43,7 +43,9 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device()
         self.rank, self.world_size = init_distributed(self.device, cfg.comm.init_timeout_seconds)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.dims = ParallelDims.from_config(
+            cfg.parallelism, self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        )
         meshes = self.dims.build_meshes(self.device.type)
         set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
 
@@ -55,7 +57,7 @@ class Trainer:
         self.cp = ContextParallel(
             meshes.cp, cfg.parallelism, cfg.model.attn_implementation, training.sample_packing, self.device
         )
-        self.cp.validate(training.seq_len, self.model_args.n_kv_heads)
+        self.cp.validate(training.seq_len, self.model_args.n_kv_heads, self.model_args.n_heads)
 
         estimate = estimate_memory(
             self.model_args,
@@ -95,7 +97,7 @@ class Trainer:
         print_rank0(
             f"model llama3 {cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
+            f" attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 
