@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         Trainer(cfg).train()
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+        # One rank per node: each node's launcher then reports the line and exits non-zero.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             if error_file:
                 with open(error_file, "w") as f:
                     f.write(f"error: {error}\n")
