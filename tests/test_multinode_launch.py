@@ -1,7 +1,9 @@
 """Two launches of `scripts/run_train.sh` on 127.0.0.1 act as two nodes (torchrun static rendezvous).
 
-One process per "node" and cp = 2, so the ring crosses between the nodes: the per-step losses
-equal one process without cp (the hybrid Ulysses x ring math is checked against cp = 1 in
+`scripts/slurm_train.sbatch` starts them, with stand-ins for `srun` (one task per node of a
+two-node allocation, all on this host) and `scontrol` (node 0 is 127.0.0.1). One process per
+"node" and cp = 2, so the ring crosses between the nodes: the per-step losses equal one process
+without cp (the hybrid Ulysses x ring math is checked against cp = 1 in
 tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
 line, and a multi-node setting without a rendezvous address is refused before torchrun starts.
 """
@@ -40,10 +42,43 @@ def _two_nodes(dump_folder, *overrides: str) -> list[subprocess.CompletedProcess
     return results
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: the command once per node of the allocation, all on this host.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+  SLURM_NODEID=$node "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\n"
+
+
+def _slurm_job(tmp_path, dump_folder, *overrides: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "NGPU": "1",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm_train.sbatch"), "train_configs/debug_model.toml",
+         "--job.dump_folder", str(dump_folder), *TINY, *STEPS, *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_two_localhost_nodes_give_the_losses_of_one_process(tmp_path):
     reference = train_losses(tmp_path / "one", *STEPS)
-    for result in _two_nodes(tmp_path / "two", *CP2):
-        assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    result = _slurm_job(tmp_path, tmp_path / "two", *CP2)
+    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    # Both nodes joined one world of 2 (rank 1 is the other node's only process).
+    assert "world 2 = dp_replicate 1 x dp_shard 1 x cp 2" in result.stdout, result.stdout[-2000:]
     assert_close_losses([r["loss"] for r in read_metrics(tmp_path / "two")], reference, rtol=1e-5)
 
 
