@@ -52,8 +52,9 @@ class ContextParallel:
         device: torch.device,
     ) -> None:
         self.cp = cp_mesh.size() if cp_mesh is not None else 1
-        # A 2-D cp mesh (cp_ring, ulysses) means Ulysses (ParallelDims.build_meshes).
-        ulysses_mesh = cp_mesh["ulysses"] if cp_mesh is not None and cp_mesh.ndim == 2 else None
+        # With Ulysses the cp mesh is 2-D, (cp_ring, ulysses) (ParallelDims.build_meshes).
+        with_ulysses = cp_mesh is not None and parallelism.context_parallel_ulysses_degree > 1
+        ulysses_mesh = cp_mesh["ulysses"] if with_ulysses else None
         ring_mesh = cp_mesh["cp_ring"] if ulysses_mesh is not None else cp_mesh
         self.ulysses = ulysses_mesh.size() if ulysses_mesh is not None else 1
         self.ulysses_rank = ulysses_mesh.get_local_rank() if ulysses_mesh is not None else 0
