@@ -111,7 +111,9 @@ class Trainer:
         cfg = self.cfg
         self.device = pick_device()
         self.rank, self.world_size = init_distributed(self.device, cfg.comm.init_timeout_seconds)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.dims = ParallelDims.from_config(
+            cfg.parallelism, self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        )
         self.meshes = self.dims.build_meshes(self.device.type)
         set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
         self.grad_accum_steps = self._grad_accum_steps(cfg.training)
@@ -160,7 +162,7 @@ class Trainer:
         cp = ContextParallel(
             self.meshes.cp, cfg.parallelism, cfg.model.attn_implementation, cfg.training.sample_packing, self.device
         )
-        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads)
+        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads, self.model_args.n_heads)
         return cp
 
     def check_memory(self) -> None:
@@ -206,7 +208,7 @@ class Trainer:
         print_rank0(
             f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
+            f" attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         Trainer(cfg).train()
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+        # One rank per node: each node's launcher then reports the line and exits non-zero.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             if error_file:
                 with open(error_file, "w") as f:
                     f.write(f"error: {error}\n")

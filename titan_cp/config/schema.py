@@ -105,6 +105,10 @@ class Parallelism:
     data_parallel_replicate_degree: int = option(1, "HSDP replicas (all-reduce dimension)")
     data_parallel_shard_degree: int = option(-1, "FSDP shards; -1 fills the rest of the world size")
     context_parallel_degree: int = option(1, "ranks one sequence is split over")
+    context_parallel_ulysses_degree: int = option(
+        1, "the part of context_parallel_degree that splits attention heads by all-to-all (Ulysses),"
+        " on adjacent ranks of one node; context_parallel_degree / this is the ring (or all-gather) part",
+    )
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = option(
         "default", "free gathered parameters after forward: default lets FSDP decide per module"
     )
