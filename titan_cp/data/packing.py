@@ -17,8 +17,7 @@ import bisect
 import torch
 
 from titan_cp.data.corpus import Corpus
-
-IGNORE_INDEX = -100
+from titan_cp.loss import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int], list[int], int]:

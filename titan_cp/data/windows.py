@@ -2,7 +2,7 @@
 
 Window i is `stream[i*S : i*S + S + 1]` (S = seq_len): consecutive windows share one token, so
 every stream token after the first is a target exactly once and none is lost at a window edge.
-The shift happens here, on the full window, before any cp sharding (DESIGN.md invariant 2).
+The shift happens here, on the full window, before any cp sharding (invariant 2 in docs/architecture.md).
 """
 
 import torch
