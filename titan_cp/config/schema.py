@@ -23,8 +23,17 @@ class Job:
 @dataclass
 class Model:
     name: Literal["llama3"] = option("llama3", "model family")
-    flavor: str = option("debugmodel", "model size: debugmodel, 1B, 8B, 70B or 405B")
-    tokenizer_path: str = option("assets/tokenizer/tokenizer.json", "Hugging Face tokenizer.json file")
+    flavor: str = option(
+        "debugmodel", "model size: debugmodel, 1B, 8B, 70B or 405B; not used when model.hf_assets_path is set"
+    )
+    hf_assets_path: str = option(
+        "", "Hugging Face model folder: the model's shape comes from its config.json, the tokenizer from its files"
+    )
+    tokenizer_path: str = option(
+        "",
+        "Hugging Face tokenizer.json file or tokenizer folder; empty: the model.hf_assets_path folder,"
+        " else assets/tokenizer/tokenizer.json",
+    )
     attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
@@ -128,7 +137,10 @@ class Checkpoint:
     load_step: int = option(-1, "step to resume from; -1 resumes from the latest complete one")
     initial_load_path: str = option("", "weights to start from when no checkpoint exists yet")
     initial_load_in_hf: bool = option(False, "initial_load_path is a Hugging Face safetensors folder")
-    last_save_in_hf: bool = option(False, "also export the final weights as a Hugging Face folder")
+    last_save_in_hf: bool = option(
+        False, "also export the final weights, config and tokenizer as a Hugging Face folder (dump_folder/hf)"
+    )
+    export_dtype: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the exported Hugging Face weights")
 
 
 @dataclass
