@@ -59,3 +59,12 @@ def test_attention_forward_runs_once_per_layer(reference):
     assert reference[2] == ARGS.n_layers
     assert _loss_grads_and_attention_calls("full")[2] == 2 * ARGS.n_layers
     assert _loss_grads_and_attention_calls("full_except_attention")[2] == ARGS.n_layers
+
+
+def test_memory_estimate_sits_between_full_and_selective():
+    from titan_cp.memory import estimate_memory
+
+    def activations(mode):
+        return estimate_memory(llama3_flavors["1B"], 131072, 1, 1, 1, mode, 2, 4096).activations
+
+    assert activations("full") < activations("full_except_attention") < activations("selective")
