@@ -158,6 +158,8 @@ def _check_toml_value(key: _Key, value: Any, path: str) -> Any:
         return [_check_toml_value(dataclasses.replace(key, type=item), v, path) for v in value]
     choices = _choices(tp)
     if choices is not None:
+        if isinstance(value, bool) and ("true" in choices or "false" in choices):
+            value = "true" if value else "false"  # a tri-state key: `key = false` in TOML is the choice
         ok = isinstance(value, str) and value in choices
     elif _is_auto_bool(tp):
         ok = isinstance(value, bool) or value == "auto"
