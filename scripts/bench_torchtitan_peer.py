@@ -73,8 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def torchtitan_model_fields(flavor: str) -> dict:
     """torchtitan `TransformerModelArgs` fields (and RoPE scaling fields) for titan_cp's `flavor`."""
     args = llama3_flavors[flavor]
-    if args.intermediate_size is not None:
-        raise SystemExit(f"flavor {flavor} sets intermediate_size, which torchtitan's args cannot express")
+    unexpressible = [name for name in ("intermediate_size", "explicit_head_dim") if getattr(args, name) is not None]
+    unexpressible += [name for name in ("attention_bias", "mlp_bias") if getattr(args, name)]
+    if unexpressible:
+        raise SystemExit(f"flavor {flavor} sets {', '.join(unexpressible)}, which torchtitan's Llama 3 args cannot express")
     fields = {
         "dim": args.dim,
         "n_layers": args.n_layers,
