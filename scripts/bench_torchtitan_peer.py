@@ -192,6 +192,9 @@ def run_logged(command: list[str], log_path: Path, timeout: float, env: dict | N
 
 def launch(tyro_argv: list[str], flavor: str) -> None:
     """Inside torchrun: register the flavor and run torchtitan's trainer, printing peak memory."""
+    # torchtitan's ConfigManager.parse_args takes sys.argv[1:] as a default argument, read when
+    # torchtitan is imported: set it before the first import.
+    sys.argv = [sys.argv[0], *tyro_argv]
     import torch
     import torchtitan.train
     from torchtitan.models.llama3 import llama3_args
@@ -212,7 +215,6 @@ def launch(tyro_argv: list[str], flavor: str) -> None:
                 print(f"{PEAK_LINE} step {self.step}: {peak:.2f} GiB", flush=True)
             return loss
 
-    sys.argv = [sys.argv[0], *tyro_argv]
     torchtitan.train.main(PeakMemoryTrainer)
 
 
