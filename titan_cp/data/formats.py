@@ -57,6 +57,7 @@ _REQUIRED = {  # format: the fields its records need, as (key, description)
     "text": (("text", "a string"),),
 }
 _ASSISTANT = "assistant"
+REASONING_END = "</think>"
 
 Span = tuple[int, int]
 
@@ -247,11 +248,10 @@ class Encoder:
             end = ends[-1] if end < 0 else end
             first = bisect.bisect_right(ends, start)  # first token ending after the span starts
             stop = bisect.bisect_left(starts, end, lo=first)  # first token starting at or after its end
-            if first >= stop:
-                continue
-            # The span's tokens and the one after them, the token that ends the turn.
-            for i in range(first, min(stop + 1, len(ids))):
-                mask[i] = True
+            if first < stop:
+                # The span's tokens and the one after them, the token that ends the turn.
+                last = min(stop + 1, len(ids))
+                mask[first:last] = [True] * (last - first)
         mask[0] = False
         return ids, mask
 
@@ -280,8 +280,10 @@ def _assistant_spans(record: Record, messages: list[dict], text: str) -> list[Sp
     Messages are found in order, each searched from where the previous one ended, so an answer
     that repeats its question is found in the answer. The search is for the stripped content
     (templates often `trim` it), then widened to the whitespace around it where the template
-    kept that. A message that does not appear (a template that rewrites it) is skipped unless it
-    is an assistant's, which is an error: its targets would be unknown.
+    kept that; content with "</think>" that is not found whole is searched for by its part after
+    the last "</think>" (reasoning templates drop the reasoning of earlier turns). A message that
+    does not appear (a template that rewrites it) is skipped unless it is an assistant's, which
+    is an error: its targets would be unknown.
     """
     spans = []
     cursor = 0
@@ -291,6 +293,11 @@ def _assistant_spans(record: Record, messages: list[dict], text: str) -> list[Sp
             continue
         core = content.strip()
         at = text.find(core, cursor)
+        if at < 0 and REASONING_END in content:
+            # Reasoning templates drop an answer's "<think>...</think>" part: the answer is the rest.
+            content = content.split(REASONING_END)[-1]
+            core = content.strip()
+            at = text.find(core, cursor) if core else -1
         if at < 0:
             if message["role"] == _ASSISTANT:
                 raise UserError(
