@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,20 +124,10 @@ def row_command(row: Row, flavor: str, data: Path, out_dir: Path, first_timed_st
 
 def titan_cp_result(metrics: list[dict], first_timed_step: int, steps: int, log: str) -> dict:
     """Median tokens/s, peak memory and losses from titan_cp's metrics.jsonl records."""
-    timed = [r["tps"] for r in metrics if r["step"] >= first_timed_step]
-    if "OutOfMemoryError" in log or "CUDA out of memory" in log:
-        status = "OOM"
-    elif len(metrics) < steps or not timed:
-        status = "failed"
-    else:
-        status = "ok"
-    result = {"status": status, "steps_logged": len(metrics), "losses": [r["loss"] for r in metrics]}
-    if timed:
-        result["tokens_per_s"] = statistics.median(timed)
-        result["tokens_per_s_range"] = [min(timed), max(timed)]
-    if metrics:
-        result["peak_memory_gib"] = max(r["memory_gib"] for r in metrics)
-    return result
+    records = [{"step": r["step"], "tps": r["tps"], "loss": r["loss"], "allocated_gib": r["memory_gib"]} for r in metrics]
+    return torchtitan_peer.summarize(
+        {"steps": records, "oom": torchtitan_peer.ran_out_of_memory(log)}, first_timed_step, steps
+    )
 
 
 def read_result(row: Row, work: Path, log: str, first_timed_step: int) -> dict:

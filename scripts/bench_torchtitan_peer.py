@@ -148,12 +148,19 @@ def parse_log(text: str) -> dict:
     for step, allocated in _PEAK.findall(text):
         if int(step) in steps:
             steps[int(step)]["allocated_gib"] = float(allocated)
-    oom = "OutOfMemoryError" in text or "CUDA out of memory" in text
-    return {"steps": [steps[k] for k in sorted(steps)], "oom": oom}
+    return {"steps": [steps[k] for k in sorted(steps)], "oom": ran_out_of_memory(text)}
+
+
+def ran_out_of_memory(log: str) -> bool:
+    return "OutOfMemoryError" in log or "CUDA out of memory" in log
 
 
 def summarize(parsed: dict, first_timed_step: int, expected_steps: int) -> dict:
-    """Median tokens/s over the timed steps and the peak memory, or why there is none."""
+    """Median tokens/s over the timed steps, peak memory and losses, or why there are none.
+
+    `parsed` is {"steps": records with step, tps, loss and optionally allocated_gib/reserved_gib,
+    "oom": whether the run ran out of memory}; titan_cp's metrics.jsonl is summarised the same way.
+    """
     records = parsed["steps"]
     timed = [r["tps"] for r in records if r["step"] >= first_timed_step]
     if parsed["oom"]:
@@ -166,11 +173,10 @@ def summarize(parsed: dict, first_timed_step: int, expected_steps: int) -> dict:
     if timed:
         result["tokens_per_s"] = statistics.median(timed)
         result["tokens_per_s_range"] = [min(timed), max(timed)]
-    allocated = [r["allocated_gib"] for r in records if "allocated_gib" in r]
-    if allocated:
-        result["peak_memory_gib"] = max(allocated)
-    if records:
-        result["peak_reserved_gib"] = max(r["reserved_gib"] for r in records)
+    for key, name in (("allocated_gib", "peak_memory_gib"), ("reserved_gib", "peak_reserved_gib")):
+        values = [r[key] for r in records if key in r]
+        if values:
+            result[name] = max(values)
     return result
 
 
