@@ -168,13 +168,13 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
         return lambda: list(encode_dataset(path, fmt, tok, train_on_inputs, batch_size=2))
 
     missing = write_jsonl(tmp_path / "missing.jsonl", [chat, {"text": "x"}, {"msgs": []}])
-    one_line_error(encode(missing, "alpaca"), missing, "line 1", "is a chat record in a alpaca dataset")
-    one_line_error(encode(missing, "chat"), missing, "line 2", "text record in a chat dataset")
+    one_line_error(encode(missing, "alpaca"), missing, "line 1", "format chat in a dataset of format alpaca")
+    one_line_error(encode(missing, "chat"), missing, "line 2", "format text in a dataset of format chat")
     no_fields = write_jsonl(tmp_path / "no_fields.jsonl", [chat, chat, {"msgs": []}])
     one_line_error(encode(no_fields), no_fields, "line 3", "needs 'messages'", "found missing")
     one_line_error(encode(write_jsonl(tmp_path / "u.jsonl", [{"msgs": 1}])), "u.jsonl line 1", "none of the fields")
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [chat, {"instruction": "a", "output": "b"}])
-    one_line_error(encode(mixed), mixed, "line 2", "alpaca record in a chat dataset", f"auto took it from {mixed} line 1")
+    one_line_error(encode(mixed), mixed, "line 2", "format alpaca in a dataset of format chat", f"auto took it from {mixed} line 1")
     system = write_jsonl(tmp_path / "system.jsonl", [chat, {"messages": CONVERSATIONS[0]}])
     one_line_error(encode(system), system, "line 2", str(folder / "tokenizer_config.json"), "System role not supported")
     bad_role = write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"content": "hi"}]}])
@@ -194,3 +194,9 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
 
 def encode_with(tok, path):
     return lambda: list(encode_dataset(path, "chat", tok))
+
+
+def test_a_conversation_that_renders_to_nothing_is_an_empty_document(tmp_path) -> None:
+    tok = Tokenizer(tokenizer_folder(tmp_path / "f", "{% for m in messages if m['role'] == 'tool' %}x{% endfor %}"))
+    assert Encoder(tok, "chat", "true").encode_batch([{"messages": CONVERSATIONS[2]}]) == [([], [])]
+    assert list(encode_dataset(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[2]}]), "chat", tok, "true")) == []

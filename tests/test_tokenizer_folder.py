@@ -20,7 +20,8 @@ def added_token(content: str) -> dict:
 
 def test_folder_special_tokens_agree_with_transformers(tmp_path) -> None:
     config = {"bos_token": added_token("<|im_start|>"), "eos_token": "<|im_end|>", "pad_token": None,
-              "unk_token": "<|pad|>", "add_bos_token": False}
+              "unk_token": "<|pad|>", "add_bos_token": False, "image_token": added_token("<|pad|>"),
+              "eot_token": "<|eot_id|>", "max_length_token": 5}
     folder = tokenizer_folder(tmp_path / "f", CHATML_STYLE, config=config)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
     assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id)

@@ -137,12 +137,14 @@ class Encoder:
             texts.append(text)
             spans.append(record_spans)
             plain.append(is_plain)
-        out = []
-        for (ids, offsets), record_spans, is_plain in zip(
-            self.tokenizer.encode_batch_with_offsets(texts), spans, plain
-        ):
-            out.append(self._document(ids, offsets, record_spans, is_plain, train_on_inputs))
-        return out
+        if train_on_inputs:  # every token is a target: no spans to place, no offsets needed
+            return [self._all_targets(ids, is_plain) for ids, is_plain in zip(self.tokenizer.encode_batch(texts), plain)]
+        return [
+            self._document(ids, offsets, record_spans, is_plain)
+            for (ids, offsets), record_spans, is_plain in zip(
+                self.tokenizer.encode_batch_with_offsets(texts), spans, plain
+            )
+        ]
 
     # --- format and fields -------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class Encoder:
             other = detect_format(data)
             if other is not None and other != self.format:
                 raise UserError(
-                    f"training.dataset_path: {record.where} is a {other} record in a {self.format} dataset"
+                    f"training.dataset_path: {record.where} is a record of format {other} in a dataset of format {self.format}"
                     f" ({self._decided_at}); a dataset holds one format"
                 )
             found = "missing" if key not in data else f"a {type(value).__name__}"
@@ -229,18 +231,26 @@ class Encoder:
 
     # --- tokens and mask ---------------------------------------------------------------------
 
-    def _document(
-        self, ids: list[int], offsets: list[Span], spans: list[Span], plain: bool, train_on_inputs: bool
-    ) -> tuple[list[int], list[bool]]:
-        tok = self.tokenizer
+    def _all_targets(self, ids: list[int], plain: bool) -> tuple[list[int], list[bool]]:
+        if not ids:
+            return [], []
         if plain:
-            if not ids:
-                return [], []
-            head = [] if tok.bos_id is None else [tok.bos_id]
-            ids = head + ids + [tok.eos_id]
+            ids = self._head() + ids + [self.tokenizer.eos_id]
+        return ids, [False] + [True] * (len(ids) - 1)
+
+    def _head(self) -> list[int]:
+        return [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+
+    def _document(
+        self, ids: list[int], offsets: list[Span], spans: list[Span], plain: bool
+    ) -> tuple[list[int], list[bool]]:
+        """ids (with BOS/EOS around plain text) and the mask of the tokens the spans cover."""
+        if not ids:
+            return [], []
+        if plain:
+            head = self._head()
+            ids = head + ids + [self.tokenizer.eos_id]
             offsets = [(0, 0)] * len(head) + offsets + [(offsets[-1][1], offsets[-1][1])]
-        if train_on_inputs:
-            return ids, [False] + [True] * (len(ids) - 1)
         mask = [False] * len(ids)
         starts = [start for start, _ in offsets]
         ends = [end for _, end in offsets]
