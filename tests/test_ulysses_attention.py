@@ -52,6 +52,7 @@ def _case_run(rank: int, world_size: int, inputs: dict) -> dict:
             "ulysses_group": dist.get_process_group_ranks(cp.ulysses_group),
             "ring_group": dist.get_process_group_ranks(cp.group) if cp.group is not None else [rank],
             "attention": (cp.algorithm, cp.layout, cp.ring),
+            "describe": cp.describe(),
             "shard": cp.shard_sequence(positions.new_tensor(range(SEQ)).expand(2, -1)),
         }
     return results
@@ -96,6 +97,11 @@ def test_groups_and_algorithms(runs):
     for name, (group0, attention) in expected.items():
         assert runs[0][name]["ulysses_group"] == group0, name
         assert runs[0][name]["attention"] == attention, name
+    # The startup line says whether KV heads were replicated (2 KV heads: yes over 4 ranks).
+    assert runs[0]["ulysses4"]["describe"].startswith("ulysses 4 + local (contiguous, sdpa_cpu); ulysses 4 > 2 KV heads")
+    assert "replicated 2x" in runs[0]["ulysses4"]["describe"]
+    hybrid = runs[0]["hybrid2x2_zigzag"]["describe"]
+    assert hybrid.startswith("ulysses 2 + batch_ring (zigzag, sdpa_cpu) over 2 ring ranks;") and "not repeated" in hybrid
     assert runs[3]["hybrid2x2_zigzag"]["ulysses_group"] == [2, 3]
     assert runs[1]["hybrid2x2_zigzag"]["ring_group"] == [1, 3]
 

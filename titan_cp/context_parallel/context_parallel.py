@@ -111,7 +111,8 @@ class ContextParallel:
         inner = f"{self.algorithm} ({self.layout}, {self.attn_implementation})"
         if self.ulysses == 1:
             return inner
-        return f"ulysses {self.ulysses} x {inner} over {self.ring} ring rank(s); {self.ulysses_note}"
+        across = f" over {self.ring} ring ranks" if self.ring > 1 else ""
+        return f"ulysses {self.ulysses} + {inner}{across}; {self.ulysses_note}"
 
     def shard(
         self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
