@@ -29,7 +29,8 @@ def test_new_run_keeps_the_earlier_runs_metrics_aside(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(earlier)
     (tmp_path / "tb").mkdir()
     logger = _logger(tmp_path)
-    logger.step_done(1, 128)
+    logger.step_done(1)
+    logger.count(128)
     logger.log(1, 5.0, 1.0, 1e-3, 128)
     kept = sorted(p.name for p in tmp_path.glob("metrics.*.jsonl"))
     assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == earlier
@@ -42,7 +43,8 @@ def test_resumed_run_appends_and_says_from_which_step(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 3, "loss": 9.0}\n')
     logger = _logger(tmp_path, start_step=3)
     assert "resuming at step 4" in capsys.readouterr().out
-    logger.step_done(4, 128)
+    logger.step_done(4)
+    logger.count(128)
     logger.log(4, 5.0, 1.0, 1e-3, 512)
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [3, 4]
     assert list(tmp_path.glob("metrics.*.jsonl")) == []
@@ -51,7 +53,8 @@ def test_resumed_run_appends_and_says_from_which_step(tmp_path, capsys):
 def test_progress_line_summary_and_validation_record(tmp_path, capsys):
     logger = _logger(tmp_path, total_steps=10)
     for step in (1, 2):
-        logger.step_done(step, 256)
+        logger.step_done(step)
+    logger.count(512)
     record = logger.log(2, 5.0, 1.0, 1e-3, 512)
     logger.log_validation(2, 4.5)
     summary = logger.finish()
@@ -75,7 +78,8 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     (tmp_path / "tb").mkdir()  # an earlier run's: moved aside before this run's events are written
     logger = _logger(tmp_path, cfg=Metrics(enable_tensorboard=True))
     for step in (1, 2):
-        logger.step_done(step, 128)
+        logger.step_done(step)
+        logger.count(128)
         logger.log(step, 6.0 - step, 1.5, 1e-3 * step, 128 * step)
     logger.log_validation(2, 4.25)
     logger.close()

@@ -51,7 +51,8 @@ TENSORBOARD_FOLDER = "tb"
 class MetricsLogger:
     """Prints one line and writes one record per logged step; only the writer (rank 0) writes.
 
-    Every rank calls `step_done` after each step and `log` at the same steps; `log_validation`
+    Every rank calls `step_done` after each step, `count` with the tokens trained since its last
+    call (at least before each `log`), and `log` at the same steps; `log_validation`
     records a validation loss; `finish` prints the run's summary. Records go to
     `{dump_folder}/metrics.jsonl` (one JSON object per line: training steps have "loss",
     validation records "validation_loss") and to the backends `cfg` turns on (TensorBoard under
@@ -101,12 +102,14 @@ class MetricsLogger:
         if kept:
             print(f"{dump_folder} holds an earlier run's metrics, kept as {', '.join(kept)}", flush=True)
 
-    def step_done(self, step: int, tokens: int) -> None:
-        """Count a finished step and its real (non-padding) tokens over all devices."""
-        now = time.perf_counter()
+    def step_done(self, step: int) -> None:
+        """Note that `step` has been issued (for the time estimate; no device value is read)."""
         if self.first_step_end is None:
-            self.first_step_end = now
+            self.first_step_end = time.perf_counter()
         self.last_step = step
+
+    def count(self, tokens: int) -> None:
+        """Add real (non-padding) tokens over all devices, trained since the last call."""
         self.run_tokens += tokens
         self.window_tokens += tokens
 

@@ -20,6 +20,7 @@ from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import INTERRUPTED_EXIT_CODE, StopFlag
 from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
+from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.memory import check_fits, estimate_memory
@@ -193,8 +194,9 @@ class Trainer:
             check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
     def convert(self) -> None:
-        """Model converters (for example Float8 linears) swap modules here: on the meta model,
-        before parallelization wraps them. None is configured yet."""
+        """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
+        model, before parallelization wraps them."""
+        apply_converters(self.model, self.cfg.model.converters, self.device)
 
     def parallelize(self) -> None:
         cfg = self.cfg
@@ -302,10 +304,13 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def train_step(self) -> tuple[float, float, float, int]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm, lr, tokens).
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches.
 
-        `lr` is the learning rate this step's update used (the scheduler moves on after it).
+        Returns (loss, grad_norm, lr, tokens): `lr` is the learning rate this step's update used
+        (the scheduler moves on after it); the others are device tensors, read only on logging
+        steps: reading them here would make the host wait for the GPU every step, leaving the
+        GPU idle while the next step's first kernels are launched.
         """
         micro_batches = [self.cp.shard(*next(self.dataloader_iter).as_tuple()) for _ in range(self.grad_accum_steps)]
         loss_sum, global_count = forward_backward(
@@ -316,15 +321,15 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum / global_count).item(), grad_norm, lr, int(global_count.item())
+        return loss_sum / global_count, grad_norm, lr, global_count
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return norm.item()
+        return norm
 
     def train(self) -> signal.Signals | None:
         """Train up to training.steps; returns the signal that stopped the run early, or None."""
@@ -336,23 +341,34 @@ class Trainer:
             self.rank,
         )
         first_step = self.step + 1
+        ckpt = self.cfg.checkpoint
+        tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
         while self.step < training.steps:
             self.step += 1
+            last_step = self.step == training.steps
             loss, grad_norm, lr, step_tokens = self.train_step()
+            tokens_since_sync += step_tokens
+            self.metrics.step_done(self.step)
             if self.step == first_step:
                 # The first step includes compilation and lazy initialisation; later steps
                 # get the shorter timeout so a dead rank ends the job quickly.
                 set_collective_timeout(self.cfg.comm.train_timeout_seconds)
-            self.ntokens_seen += step_tokens
-            self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
-            self.metrics.step_done(self.step, step_tokens)
-            if self.step % self.cfg.metrics.log_freq == 0 or self.step == training.steps:
-                self.metrics.log(self.step, loss, grad_norm, lr, self.ntokens_seen)
-            stop = self.stop.should_stop(self.device)
+            # The host reads device values only where it needs them: to log, and to save the token
+            # count with a checkpoint. One process checks for a signal without a collective.
+            logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
+            stop = self.stop.received if self.world_size == 1 else self.stop.should_stop(self.device)
+            if logging or stop or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
+                tokens = int(tokens_since_sync.item())
+                tokens_since_sync.zero_()
+                self.ntokens_seen += tokens
+                self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
+                self.metrics.count(tokens)
+            if logging:
+                self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
             if stop:
                 self.save_and_stop(stop)
                 return stop
-            self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
+            self.checkpoint.maybe_save(self.step, last_step=last_step)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
             serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
