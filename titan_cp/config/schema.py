@@ -57,6 +57,11 @@ class Training:
     dataset_path: str = option(
         "assets/data/tinyshakespeare.txt", "a .txt or .jsonl (field 'text') file, or a folder of them"
     )
+    dataset_cache_dir: str = option(
+        "",
+        "folder for token caches (tokenized once, reused while the data, tokenizer and format are unchanged);"
+        " empty: .titan_cp_cache next to the dataset",
+    )
     seq_len: int = option(2048, "tokens per sequence (the full length, before cp sharding)")
     local_batch_size: int = option(8, "sequences per micro-batch on each data-parallel rank")
     global_batch_size: int = option(

@@ -1,46 +1,180 @@
-"""Tokenize every document once, into one flat in-memory token array.
+"""A dataset's token cache: found by its key, or built once per node while the other ranks wait.
 
-Each document becomes BOS + its tokens + EOS, so both the plain windows and packing see the
-same token stream. The whole dataset is tokenized on each rank at start: the shipped corpus is
-1 MB and `encode_batch` tokenizes it in well under a second.
+`open_corpus` is called by every rank. Under torch.distributed, local rank 0 of each node builds
+what is missing (the cache, then the packing plan) and writes a status file; the node's other
+ranks wait for that file. The status file's name carries a token rank 0 broadcasts at the start,
+so a status left by an earlier run is never mistaken for this run's. A build that fails on a
+user mistake (a bad record, say) reports the same one-line error on every rank.
+
+Encoding is done in batches of records; `scripts/prepare_data.py` spreads the batches over
+worker processes (spawned, each with its own tokenizer) and writes their results in input order,
+so the cache is the same for any number of workers.
 """
 
+import hashlib
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import islice
+from pathlib import Path
 
-import torch
+import torch.distributed as dist
 
+from titan_cp.data.cache import EncodedBatch, TokenCache, cache_key, cache_root, is_complete, to_arrays, write_cache
+from titan_cp.data.documents import read_documents
 from titan_cp.data.tokenizer import Tokenizer
+from titan_cp.errors import UserError
 
-_ENCODE_CHUNK = 4096  # documents per encode_batch call: bounds the Python-list peak memory
-
-
-@dataclass
-class Corpus:
-    """`tokens[offsets[d]:offsets[d+1]]` is document d (BOS ... EOS)."""
-
-    tokens: torch.Tensor  # [total] int64
-    offsets: torch.Tensor  # [num_documents + 1] int64, offsets[0] == 0
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
+RECORDS_PER_BATCH = 2048
+_STALE_STATUS_SECONDS = 3600
 
 
-def tokenize_corpus(documents: list[str], tokenizer: Tokenizer) -> Corpus:
-    """Documents in order; empty ones (no tokens) are dropped."""
-    pieces: list[torch.Tensor] = []
-    lengths: list[int] = []
-    for start in range(0, len(documents), _ENCODE_CHUNK):
-        encoded = [ids for ids in tokenizer.encode_batch(documents[start : start + _ENCODE_CHUNK]) if ids]
-        flat = chain.from_iterable([tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in encoded)
-        pieces.append(torch.tensor(list(flat), dtype=torch.int64))
-        lengths += [len(ids) + 2 for ids in encoded]
-    tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
-    return Corpus(tokens, offsets)
+@dataclass(frozen=True)
+class EncodingSpec:
+    """What turns records into tokens; plain values, so worker processes can rebuild the encoder."""
+
+    tokenizer_path: str
+
+
+class TextEncoder:
+    """Plain text documents: BOS + tokens + EOS, every token but the first a target."""
+
+    def __init__(self, spec: EncodingSpec) -> None:
+        self.spec = spec
+        self.tokenizer = Tokenizer(spec.tokenizer_path)
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[list[int], list[bool]]]:
+        t = self.tokenizer
+        out = []
+        for ids in t.encode_batch(texts):
+            if ids:
+                out.append(([t.bos_id, *ids, t.eos_id], [False] + [True] * (len(ids) + 1)))
+        return out
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256(Path(self.spec.tokenizer_path).read_bytes()).hexdigest()
+        return {"tokenizer_sha256": digest, "format": "text"}
+
+
+def record_batches(dataset_path: str) -> Iterator[list[str]]:
+    documents = iter(read_documents(dataset_path))
+    while batch := list(islice(documents, RECORDS_PER_BATCH)):
+        yield batch
+
+
+def encode_to_arrays(encoder: TextEncoder, records: list) -> EncodedBatch:
+    return to_arrays(encoder.encode_batch(records))
+
+
+_worker_encoder: TextEncoder | None = None
+
+
+def _init_worker(spec: EncodingSpec) -> None:
+    global _worker_encoder
+    # One process per core already: the tokenizer's own thread pool would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = TextEncoder(spec)
+
+
+def _encode_in_worker(records: list) -> EncodedBatch:
+    assert _worker_encoder is not None
+    return encode_to_arrays(_worker_encoder, records)
+
+
+def encoded_batches(dataset_path: str, spec: EncodingSpec, workers: int) -> Iterator[EncodedBatch]:
+    """The encoded record batches in input order, encoded in-process or by `workers` processes."""
+    if workers <= 1:
+        encoder = TextEncoder(spec)
+        for batch in record_batches(dataset_path):
+            yield encode_to_arrays(encoder, batch)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (spec,)) as pool:
+        pending: deque = deque()
+        # At most 2 batches per worker in flight: reading never runs ahead of encoding.
+        for batch in record_batches(dataset_path):
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def corpus_folder(dataset_path: str, cache_dir: str, spec: EncodingSpec) -> Path:
+    return cache_root(dataset_path, cache_dir) / cache_key(dataset_path, TextEncoder(spec).fingerprint())
+
+
+def build_corpus(
+    dataset_path: str, folder: Path, spec: EncodingSpec, workers: int = 1, progress: Callable[[int, int], None] | None = None
+) -> None:
+    """Tokenize the dataset into cache `folder` unless it is already complete."""
+    if is_complete(folder):
+        return
+    meta = {"dataset_path": str(Path(dataset_path).resolve()), "encoder": TextEncoder(spec).fingerprint()}
+    write_cache(folder, encoded_batches(dataset_path, spec, workers), meta, progress)
+
+
+def on_local_leader(status_dir: Path, work: Callable[[], None]) -> None:
+    """Run `work` on local rank 0 of each node while the node's other ranks wait for its outcome.
+
+    Called by every rank (it broadcasts once). Without torch.distributed, just runs `work`.
+    """
+    if not dist.is_initialized():
+        work()
+        return
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    status = status_dir / f".status-{token[0]}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            work()
+        except BaseException as error:
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            _write_status(status, "error " + " ".join(message.split()))
+            raise
+        _write_status(status, "ok")
+        return
+    while not status.is_file():
+        time.sleep(0.1)
+    outcome = status.read_text()
+    if outcome != "ok":
+        raise UserError(outcome.removeprefix("error "))
+
+
+def _write_status(status: Path, text: str) -> None:
+    status.parent.mkdir(parents=True, exist_ok=True)
+    for old in status.parent.glob(".status-*"):
+        if time.time() - old.stat().st_mtime > _STALE_STATUS_SECONDS:
+            old.unlink(missing_ok=True)
+    tmp = status.with_name(status.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(status)
+
+
+def open_corpus(
+    dataset_path: str, cache_dir: str, spec: EncodingSpec, key: str, then: Callable[[TokenCache], None] | None = None
+) -> TokenCache:
+    """The dataset's token cache, built first if needed; `then(cache)` runs on the builder too
+    (to add a packing plan) before the other ranks go on. `key` names the config key in errors."""
+    folder = corpus_folder(dataset_path, cache_dir, spec)
+
+    def build() -> None:
+        try:
+            build_corpus(dataset_path, folder, spec)
+        except PermissionError as e:
+            raise UserError(
+                f"training.dataset_cache_dir: cannot write the token cache of {key} {dataset_path} under"
+                f" {folder.parent} ({e.strerror}); set training.dataset_cache_dir to a writable folder"
+            ) from None
+        if then is not None:
+            then(TokenCache(folder))
+
+    on_local_leader(folder.parent, build)
+    cache = TokenCache(folder)
+    if cache.num_tokens and cache.num_targets == 0:
+        raise UserError(f"{key}: {dataset_path} has no target token in any record ({cache.num_documents} records)")
+    return cache

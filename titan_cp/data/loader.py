@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.config.schema import Training
-from titan_cp.data.corpus import tokenize_corpus
-from titan_cp.data.documents import read_documents
-from titan_cp.data.packing import PackedSamples
+from titan_cp.data.corpus import EncodingSpec, open_corpus
+from titan_cp.data.packing import PackedSamples, load_or_plan
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.data.windows import WindowSamples
 from titan_cp.errors import UserError
@@ -106,12 +105,20 @@ class DataLoader:
         self._micro_batch = consumed // per_micro_batch
 
     def summary(self) -> str:
-        f = self._fingerprint
-        return (
-            f"data: {f['documents']} documents, {f['tokens']} tokens, {len(self.samples)} samples of"
-            f" {f['seq_len']} tokens per epoch, packing {f['sample_packing']}"
-            f" (padding {100 * self.samples.padding_fraction:.2f}%)"
+        """One line for the start of a run: the cache used, the samples, padding and cut documents."""
+        cache, samples = self.samples.cache, self.samples
+        line = (
+            f"data: {cache.num_documents} documents, {cache.num_tokens} tokens ({cache.num_targets} targets)"
+            f" from the token cache {cache.folder}; {len(samples)} samples of {samples.seq_len} tokens per"
+            f" epoch, packing {isinstance(samples, PackedSamples)} (padding {100 * samples.padding_fraction:.2f}%)"
         )
+        if isinstance(samples, PackedSamples) and samples.plan.cut_documents:
+            line += (
+                f"; {samples.plan.cut_documents} documents longer than {samples.seq_len} tokens were"
+                f" {'split into pieces' if samples.truncation == 'split' else 'truncated'}"
+                f" (training.truncation = {samples.truncation})"
+            )
+        return line
 
 
 def build_dataloader(
@@ -132,19 +139,23 @@ def build_dataloader(
             f"training.global_batch_size: {training.global_batch_size} is not a multiple of"
             f" training.local_batch_size x dp = {b} x {dp_world_size}"
         )
-    corpus = tokenize_corpus(read_documents(training.dataset_path), tokenizer)
-    if corpus.num_tokens < seq_len + 1:
+    spec = EncodingSpec(str(tokenizer.path))
+    truncation = "split"
+    plan = (lambda cache: load_or_plan(cache, seq_len, truncation)) if training.sample_packing else None
+    cache = open_corpus(training.dataset_path, training.dataset_cache_dir, spec, "training.dataset_path", then=plan)
+    if cache.num_tokens < seq_len + 1:
         raise UserError(
-            f"training.dataset_path: {training.dataset_path} has {corpus.num_tokens} tokens"
+            f"training.dataset_path: {training.dataset_path} has {cache.num_tokens} tokens"
             f" (BOS/EOS included), fewer than training.seq_len + 1 = {seq_len + 1} needed for one sample"
         )
     if training.sample_packing:
-        samples: WindowSamples | PackedSamples = PackedSamples(corpus, seq_len, tokenizer.pad_id)
+        samples: WindowSamples | PackedSamples = PackedSamples(
+            cache, load_or_plan(cache, seq_len, truncation), seq_len, truncation, tokenizer.pad_id
+        )
     else:
-        samples = WindowSamples(corpus, seq_len)
+        samples = WindowSamples(cache, seq_len)
     fingerprint = {
-        "documents": corpus.num_documents,
-        "tokens": corpus.num_tokens,
+        "dataset": cache.digest,
         "seq_len": seq_len,
         "sample_packing": training.sample_packing,
     }
