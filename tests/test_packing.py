@@ -99,7 +99,7 @@ def test_packed_content_equals_the_documents_cut_into_pieces(epoch, tok: Tokeniz
 
 def small_cache(tmp_path: Path, docs: list[list[int]], masks: list[list[bool]] | None = None) -> TokenCache:
     masks = masks or [[True] * len(d) for d in docs]
-    write_cache(tmp_path / "cache", [to_arrays(list(zip(docs, masks)))], {})
+    write_cache(tmp_path / "cache", [to_arrays(list(zip(docs, masks)))], dict)
     return TokenCache(tmp_path / "cache")
 
 

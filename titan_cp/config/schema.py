@@ -84,6 +84,19 @@ class Training:
 
 
 @dataclass
+class Validation:
+    enable: bool = option(False, "compute the loss on validation.dataset_path every validation.freq steps")
+    dataset_path: str = option(
+        "", "validation data in any form training.dataset_path accepts; read with the training's tokenizer,"
+        " format, seq_len and packing",
+    )
+    freq: int = option(500, "steps between validation runs (at every step divisible by it)")
+    steps: int = option(
+        -1, "validation steps of training.global_batch_size sequences each; -1 reads the whole validation set once"
+    )
+
+
+@dataclass
 class Parallelism:
     data_parallel_replicate_degree: int = option(1, "HSDP replicas (all-reduce dimension)")
     data_parallel_shard_degree: int = option(-1, "FSDP shards; -1 fills the rest of the world size")
@@ -158,6 +171,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)

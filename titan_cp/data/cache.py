@@ -124,12 +124,13 @@ class _Writer:
 def write_cache(
     folder: Path,
     batches: Iterable[EncodedBatch],
-    meta: dict,
+    meta: Callable[[], dict],
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write the encoded batches into cache `folder` (which must not exist yet), atomically.
 
-    `progress(documents, tokens)` is called after each batch. If another process completes the
+    `meta()` gives the extra meta.json entries once all batches are written. `progress(documents,
+    tokens)` is called after each batch. If another process completes the
     same folder first, its copy is kept and ours is discarded (the contents are the same).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def write_cache(
         np.save(tmp / "offsets.npy", offsets)
         (tmp / "plans").mkdir()
         full_meta = {
-            **meta,
+            **meta(),
             "version": CACHE_VERSION,
             "documents": len(offsets) - 1,
             "tokens": int(offsets[-1]),

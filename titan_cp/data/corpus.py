@@ -12,12 +12,12 @@ so the cache is the same for any number of workers.
 """
 
 import hashlib
+import multiprocessing
 import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -32,19 +32,12 @@ RECORDS_PER_BATCH = 2048
 _STALE_STATUS_SECONDS = 3600
 
 
-@dataclass(frozen=True)
-class EncodingSpec:
-    """What turns records into tokens; plain values, so worker processes can rebuild the encoder."""
-
-    tokenizer_path: str
-
-
 class TextEncoder:
     """Plain text documents: BOS + tokens + EOS, every token but the first a target."""
 
-    def __init__(self, spec: EncodingSpec) -> None:
-        self.spec = spec
-        self.tokenizer = Tokenizer(spec.tokenizer_path)
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.format = "text"
 
     def encode_batch(self, texts: list[str]) -> list[tuple[list[int], list[bool]]]:
         t = self.tokenizer
@@ -55,48 +48,50 @@ class TextEncoder:
         return out
 
     def fingerprint(self) -> dict:
-        digest = hashlib.sha256(Path(self.spec.tokenizer_path).read_bytes()).hexdigest()
+        digest = hashlib.sha256(Path(self.tokenizer.path).read_bytes()).hexdigest()
         return {"tokenizer_sha256": digest, "format": "text"}
 
 
-def record_batches(dataset_path: str) -> Iterator[list[str]]:
-    documents = iter(read_documents(dataset_path))
-    while batch := list(islice(documents, RECORDS_PER_BATCH)):
+def record_batches(dataset_path: str) -> Iterator[list]:
+    """The dataset's records in order, RECORDS_PER_BATCH at a time, read as a stream."""
+    records = iter(read_documents(dataset_path))
+    while batch := list(islice(records, RECORDS_PER_BATCH)):
         yield batch
-
-
-def encode_to_arrays(encoder: TextEncoder, records: list) -> EncodedBatch:
-    return to_arrays(encoder.encode_batch(records))
 
 
 _worker_encoder: TextEncoder | None = None
 
 
-def _init_worker(spec: EncodingSpec) -> None:
+def _init_worker(encoder: TextEncoder) -> None:
     global _worker_encoder
     # One process per core already: the tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = TextEncoder(spec)
+    _worker_encoder = encoder
 
 
 def _encode_in_worker(records: list) -> EncodedBatch:
     assert _worker_encoder is not None
-    return encode_to_arrays(_worker_encoder, records)
+    return to_arrays(_worker_encoder.encode_batch(records))
 
 
-def encoded_batches(dataset_path: str, spec: EncodingSpec, workers: int) -> Iterator[EncodedBatch]:
-    """The encoded record batches in input order, encoded in-process or by `workers` processes."""
-    if workers <= 1:
-        encoder = TextEncoder(spec)
-        for batch in record_batches(dataset_path):
-            yield encode_to_arrays(encoder, batch)
+def encoded_batches(batches: Iterator[list], encoder: TextEncoder, workers: int) -> Iterator[EncodedBatch]:
+    """The encoded record batches in input order, encoded in-process or by `workers` processes.
+
+    The first batch is always encoded here: it fixes the encoder's format (format `auto` decides
+    from the first record), and the workers then receive an encoder that has decided.
+    """
+    first = next(batches, None)
+    if first is None:
         return
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (spec,)) as pool:
+    yield to_arrays(encoder.encode_batch(first))
+    if workers <= 1:
+        for batch in batches:
+            yield to_arrays(encoder.encode_batch(batch))
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (encoder,)) as pool:
         pending: deque = deque()
-        # At most 2 batches per worker in flight: reading never runs ahead of encoding.
-        for batch in record_batches(dataset_path):
+        # At most 2 batches per worker in flight: reading never runs far ahead of encoding.
+        for batch in batches:
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
@@ -104,18 +99,24 @@ def encoded_batches(dataset_path: str, spec: EncodingSpec, workers: int) -> Iter
             yield pending.popleft().get()
 
 
-def corpus_folder(dataset_path: str, cache_dir: str, spec: EncodingSpec) -> Path:
-    return cache_root(dataset_path, cache_dir) / cache_key(dataset_path, TextEncoder(spec).fingerprint())
+def corpus_folder(dataset_path: str, cache_dir: str, encoder: TextEncoder) -> Path:
+    """Where the cache of this dataset under this encoder lives (it may not exist yet)."""
+    return cache_root(dataset_path, cache_dir) / cache_key(dataset_path, encoder.fingerprint())
 
 
 def build_corpus(
-    dataset_path: str, folder: Path, spec: EncodingSpec, workers: int = 1, progress: Callable[[int, int], None] | None = None
+    dataset_path: str,
+    folder: Path,
+    encoder: TextEncoder,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Tokenize the dataset into cache `folder` unless it is already complete."""
     if is_complete(folder):
         return
-    meta = {"dataset_path": str(Path(dataset_path).resolve()), "encoder": TextEncoder(spec).fingerprint()}
-    write_cache(folder, encoded_batches(dataset_path, spec, workers), meta, progress)
+    batches = encoded_batches(record_batches(dataset_path), encoder, workers)
+    meta = {"dataset_path": str(Path(dataset_path).resolve()), "encoder": encoder.fingerprint()}
+    write_cache(folder, batches, lambda: {**meta, "format": encoder.format}, progress)
 
 
 def on_local_leader(status_dir: Path, work: Callable[[], None]) -> None:
@@ -156,15 +157,15 @@ def _write_status(status: Path, text: str) -> None:
 
 
 def open_corpus(
-    dataset_path: str, cache_dir: str, spec: EncodingSpec, key: str, then: Callable[[TokenCache], None] | None = None
+    dataset_path: str, cache_dir: str, encoder: TextEncoder, key: str, then: Callable[[TokenCache], None] | None = None
 ) -> TokenCache:
     """The dataset's token cache, built first if needed; `then(cache)` runs on the builder too
     (to add a packing plan) before the other ranks go on. `key` names the config key in errors."""
-    folder = corpus_folder(dataset_path, cache_dir, spec)
+    folder = corpus_folder(dataset_path, cache_dir, encoder)
 
     def build() -> None:
         try:
-            build_corpus(dataset_path, folder, spec)
+            build_corpus(dataset_path, folder, encoder)
         except PermissionError as e:
             raise UserError(
                 f"training.dataset_cache_dir: cannot write the token cache of {key} {dataset_path} under"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.config.schema import Training
-from titan_cp.data.corpus import EncodingSpec, open_corpus
+from titan_cp.data.cache import TokenCache
+from titan_cp.data.corpus import TextEncoder, open_corpus
 from titan_cp.data.packing import PackedSamples, load_or_plan
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.data.windows import WindowSamples
@@ -128,8 +129,8 @@ def build_dataloader(
 
     Micro-batch n of this rank holds global samples (n * dp_world_size + dp_rank) * b + k for
     k < b = training.local_batch_size, so each optimizer step reads the same global_batch_size
-    samples for any split into dp ranks and accumulation steps (module docstring). Tokenizes the
-    whole dataset in memory; raises UserError for a bad dataset path, file or size.
+    samples for any split into dp ranks and accumulation steps (module docstring). Raises
+    UserError for a bad dataset path, file or size.
     """
     b, seq_len = training.local_batch_size, training.seq_len
     if not 0 <= dp_rank < dp_world_size:
@@ -139,24 +140,38 @@ def build_dataloader(
             f"training.global_batch_size: {training.global_batch_size} is not a multiple of"
             f" training.local_batch_size x dp = {b} x {dp_world_size}"
         )
-    spec = EncodingSpec(str(tokenizer.path))
-    truncation = "split"
-    plan = (lambda cache: load_or_plan(cache, seq_len, truncation)) if training.sample_packing else None
-    cache = open_corpus(training.dataset_path, training.dataset_cache_dir, spec, "training.dataset_path", then=plan)
-    if cache.num_tokens < seq_len + 1:
-        raise UserError(
-            f"training.dataset_path: {training.dataset_path} has {cache.num_tokens} tokens"
-            f" (BOS/EOS included), fewer than training.seq_len + 1 = {seq_len + 1} needed for one sample"
-        )
-    if training.sample_packing:
-        samples: WindowSamples | PackedSamples = PackedSamples(
-            cache, load_or_plan(cache, seq_len, truncation), seq_len, truncation, tokenizer.pad_id
-        )
-    else:
-        samples = WindowSamples(cache, seq_len)
+    samples = build_samples(training.dataset_path, "training.dataset_path", training, tokenizer)
     fingerprint = {
-        "dataset": cache.digest,
+        "dataset": samples.cache.digest,
         "seq_len": seq_len,
         "sample_packing": training.sample_packing,
     }
     return DataLoader(samples, b, dp_rank, dp_world_size, seed, fingerprint)
+
+
+def truncation_of(training: Training, cache: TokenCache) -> str:
+    """training.truncation, with `auto` resolved for the format the cache was built with."""
+    return "split"
+
+
+def build_samples(dataset_path: str, key: str, training: Training, tokenizer: Tokenizer) -> WindowSamples | PackedSamples:
+    """The samples of a dataset (`key` names its config key in errors): the token cache is opened,
+    or built by local rank 0 of each node while the others wait, with its packing plan."""
+    seq_len = training.seq_len
+
+    def add_plan(cache: TokenCache) -> None:
+        load_or_plan(cache, seq_len, truncation_of(training, cache))
+
+    encoder = TextEncoder(tokenizer)
+    cache = open_corpus(
+        dataset_path, training.dataset_cache_dir, encoder, key, then=add_plan if training.sample_packing else None
+    )
+    if cache.num_tokens < seq_len + 1:
+        raise UserError(
+            f"{key}: {dataset_path} has {cache.num_tokens} tokens (BOS/EOS included), fewer than"
+            f" training.seq_len + 1 = {seq_len + 1} needed for one sample"
+        )
+    if not training.sample_packing:
+        return WindowSamples(cache, seq_len)
+    truncation = truncation_of(training, cache)
+    return PackedSamples(cache, load_or_plan(cache, seq_len, truncation), seq_len, truncation, tokenizer.pad_id)
