@@ -19,7 +19,8 @@ import torch
 
 from titan_cp.config.schema import Training
 from titan_cp.data.cache import TokenCache
-from titan_cp.data.corpus import TextEncoder, open_corpus
+from titan_cp.data.corpus import open_corpus
+from titan_cp.data.encode_pool import TextEncoder
 from titan_cp.data.packing import PackedSamples, load_or_plan
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.data.windows import WindowSamples
