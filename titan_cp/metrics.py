@@ -90,6 +90,13 @@ class MetricsLogger:
         self.window_tokens = 0
         return record
 
+    def log_extra(self, step: int, values: dict) -> None:
+        """Print and append a record of extra figures (the validation loss) for `step`."""
+        if self.is_writer:
+            print(f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()), flush=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
 
 def print_rank0(message: str, rank: int) -> None:
     if rank == 0:

@@ -21,6 +21,7 @@ from titan_cp.memory import check_fits, estimate_memory
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
 from titan_cp.models.llama3 import Transformer, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
+from titan_cp.validation import Validator
 from titan_cp.parallel import (
     ParallelDims,
     init_distributed,
@@ -108,6 +109,12 @@ class Trainer:
             dp_world_size=self.dims.dp,
             seed=cfg.debug.seed,
         )
+        print_rank0(self.dataloader.summary(), self.rank)
+        self.validator = None
+        if cfg.validation.enable:
+            self.validator = Validator(
+                cfg.validation, training, self.tokenizer, self.dims.dp_rank(self.rank), self.dims.dp, self.cp, self.device
+            )
         self.checkpoint = CheckpointManager(
             cfg.checkpoint,
             cfg.job.dump_folder,
@@ -223,6 +230,9 @@ class Trainer:
             self.metrics.count(step_tokens // self.world_size)
             if self.step % self.cfg.metrics.log_freq == 0 or self.step == training.steps:
                 self.metrics.log(self.step, loss, grad_norm, self.lr_scheduler.get_last_lr()[0], self.ntokens_seen)
+            if self.validator is not None and self.validator.should_run(self.step):
+                validation_loss, validation_tokens = self.validator.run(self.model)
+                self.metrics.log_extra(self.step, {"validation_loss": validation_loss, "validation_tokens": validation_tokens})
             if self.preemption.should_stop(self.device):
                 print_rank0(f"SIGTERM received: saving a checkpoint at step {self.step} and stopping", self.rank)
                 self.checkpoint.save(self.step)
