@@ -56,7 +56,7 @@ def prepare(cfg, workers: int) -> list[dict]:
     """Build (or find) each dataset's cache and plan; one summary dict per dataset."""
     from titan_cp.data.cache import TokenCache, is_complete
     from titan_cp.data.corpus import build_corpus, corpus_folder
-    from titan_cp.data.encode_pool import TextEncoder
+    from titan_cp.data.formats import Encoder
     from titan_cp.data.loader import truncation_of
     from titan_cp.data.packing import load_or_plan
     from titan_cp.data.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def prepare(cfg, workers: int) -> list[dict]:
         datasets.append(("validation.dataset_path", cfg.validation.dataset_path))
     summaries = []
     for key, path in datasets:
-        encoder = TextEncoder(tokenizer)
+        encoder = Encoder(tokenizer, cfg.training.dataset_format, cfg.training.train_on_inputs)
         folder = corpus_folder(path, cfg.training.dataset_cache_dir, encoder)
         reused = is_complete(folder)
         start = time.perf_counter()

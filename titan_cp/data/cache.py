@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titan_cp.errors import UserError
+from titan_cp.data.records import dataset_files
 
 CACHE_VERSION = 1
 CACHE_FOLDER_NAME = ".titan_cp_cache"
@@ -42,17 +42,8 @@ IGNORE_INDEX = -100
 EncodedDocument = tuple[list[int], list[bool]]
 
 
-def dataset_files(dataset_path: Path) -> list[Path]:
-    """The files a dataset's contents can depend on: the file itself, or every non-hidden file below
-    the folder (a superset of what the readers use, so any change to the data invalidates)."""
-    if dataset_path.is_file():
-        return [dataset_path]
-    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(dataset_path).parts)  # noqa: E731
-    return sorted(p for p in dataset_path.rglob("*") if p.is_file() and not hidden(p))
-
-
 def cache_key(dataset_path: str | Path, encoder_fingerprint: dict) -> str:
-    """A hex digest of everything the cached tokens depend on."""
+    """A hex digest of everything the cached tokens depend on; UserError for a missing or bad path."""
     path = Path(dataset_path).resolve()
     files = []
     for file in dataset_files(path):

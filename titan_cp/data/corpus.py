@@ -19,13 +19,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from titan_cp.data.cache import TokenCache, cache_key, cache_root, is_complete, write_cache
-from titan_cp.data.encode_pool import TextEncoder, encoded_batches, record_batches
+from titan_cp.data.encode_pool import encoded_batches, record_batches
+from titan_cp.data.formats import Encoder
 from titan_cp.errors import UserError
 
 _STALE_STATUS_SECONDS = 3600
 
 
-def corpus_folder(dataset_path: str, cache_dir: str, encoder: TextEncoder) -> Path:
+def corpus_folder(dataset_path: str, cache_dir: str, encoder: Encoder) -> Path:
     """Where the cache of this dataset under this encoder lives (it may not exist yet)."""
     return cache_root(dataset_path, cache_dir) / cache_key(dataset_path, encoder.fingerprint())
 
@@ -33,7 +34,7 @@ def corpus_folder(dataset_path: str, cache_dir: str, encoder: TextEncoder) -> Pa
 def build_corpus(
     dataset_path: str,
     folder: Path,
-    encoder: TextEncoder,
+    encoder: Encoder,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
@@ -83,7 +84,7 @@ def _write_status(status: Path, text: str) -> None:
 
 
 def open_corpus(
-    dataset_path: str, cache_dir: str, encoder: TextEncoder, key: str, then: Callable[[TokenCache], None] | None = None
+    dataset_path: str, cache_dir: str, encoder: Encoder, key: str, then: Callable[[TokenCache], None] | None = None
 ) -> TokenCache:
     """The dataset's token cache, built first if needed; `then(cache)` runs on the builder too
     (to add a packing plan) before the other ranks go on. `key` names the config key in errors."""
@@ -103,5 +104,9 @@ def open_corpus(
     on_local_leader(folder.parent, build)
     cache = TokenCache(folder)
     if cache.num_tokens and cache.num_targets == 0:
-        raise UserError(f"{key}: {dataset_path} has no target token in any record ({cache.num_documents} records)")
+        raise UserError(
+            f"{key}: {dataset_path} has no target token in any of its {cache.num_documents} records (format"
+            f" {cache.meta['format']}); give records with assistant / output / completion text, or set"
+            " training.train_on_inputs = true"
+        )
     return cache

@@ -20,8 +20,8 @@ import torch
 from titan_cp.config.schema import Training
 from titan_cp.data.cache import TokenCache
 from titan_cp.data.corpus import open_corpus
-from titan_cp.data.encode_pool import TextEncoder
-from titan_cp.data.packing import PackedSamples, load_or_plan
+from titan_cp.data.formats import Encoder, resolve_truncation
+from titan_cp.data.packing import TRUNCATION_VERBS, PackedSamples, load_or_plan
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.data.windows import WindowSamples
 from titan_cp.errors import UserError
@@ -117,7 +117,7 @@ class DataLoader:
         if isinstance(samples, PackedSamples) and samples.plan.cut_documents:
             line += (
                 f"; {samples.plan.cut_documents} documents longer than {samples.seq_len} tokens were"
-                f" {'split into pieces' if samples.truncation == 'split' else 'truncated'}"
+                f" {TRUNCATION_VERBS[samples.truncation]}"
                 f" (training.truncation = {samples.truncation})"
             )
         return line
@@ -152,7 +152,7 @@ def build_dataloader(
 
 def truncation_of(training: Training, cache: TokenCache) -> str:
     """training.truncation, with `auto` resolved for the format the cache was built with."""
-    return "split"
+    return resolve_truncation(training.truncation, cache.meta["format"])
 
 
 def build_samples(dataset_path: str, key: str, training: Training, tokenizer: Tokenizer) -> WindowSamples | PackedSamples:
@@ -163,7 +163,7 @@ def build_samples(dataset_path: str, key: str, training: Training, tokenizer: To
     def add_plan(cache: TokenCache) -> None:
         load_or_plan(cache, seq_len, truncation_of(training, cache))
 
-    encoder = TextEncoder(tokenizer)
+    encoder = Encoder(tokenizer, training.dataset_format, training.train_on_inputs)
     cache = open_corpus(
         dataset_path, training.dataset_cache_dir, encoder, key, then=add_plan if training.sample_packing else None
     )

@@ -1,7 +1,7 @@
 """Samples with packing: whole documents placed into seq_len windows with little padding.
 
 A document longer than S = seq_len is cut into pieces of S tokens (truncation "split", the last
-piece shorter) or keeps only its first S tokens ("truncate"). Labels come from the full document
+piece shorter), keeps only its first S tokens ("truncate") or is left out ("drop"). Labels come from the full document
 (docs/data.md): a piece's last label is the document's next token when that token is a target,
 so cutting loses no target.
 Each piece starts a new position run at 0: boundaries are carried by the positions alone.
@@ -22,7 +22,8 @@ import torch
 
 from titan_cp.data.cache import IGNORE_INDEX, TokenCache
 
-TRUNCATIONS = ("split", "truncate")
+# What happens to a document longer than seq_len, by training.truncation (resolved).
+TRUNCATION_VERBS = {"split": "split into pieces", "truncate": "truncated", "drop": "dropped"}
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -93,7 +94,12 @@ def plan_packing(offsets: np.ndarray, seq_len: int, truncation: str) -> PackPlan
     """Cut documents into pieces of at most seq_len and pack them by best-fit decreasing."""
     offsets = np.asarray(offsets, dtype=np.int64)
     doc_len = np.diff(offsets)
-    count = -(-doc_len // seq_len) if truncation == "split" else np.ones_like(doc_len)
+    if truncation == "split":
+        count = -(-doc_len // seq_len)
+    elif truncation == "truncate":
+        count = np.ones_like(doc_len)
+    else:
+        count = (doc_len <= seq_len).astype(np.int64)
     doc = np.repeat(np.arange(len(doc_len)), count)
     k = np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)
     starts = offsets[doc] + k * seq_len
