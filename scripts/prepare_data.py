@@ -54,7 +54,8 @@ def peak_rss_mib() -> tuple[float, float]:
 
 def prepare(cfg, workers: int) -> list[dict]:
     """Build (or find) each dataset's cache and plan; one summary dict per dataset."""
-    from titan_cp.data.cache import TokenCache, is_complete
+    from titan_cp.data.cache import is_complete
+    from titan_cp.data.cache_reader import TokenCache
     from titan_cp.data.corpus import build_corpus, corpus_folder
     from titan_cp.data.formats import Encoder
     from titan_cp.data.loader import truncation_of

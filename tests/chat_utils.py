@@ -2,13 +2,17 @@
 
 The templates are written here in the styles of well-known model families: Llama 3 (system
 message, header tokens, `trim`), ChatML (multi-turn, `{% generation %}` markers around the
-assistant content), and a Mistral-style one that rejects a system role with raise_exception.
+assistant content), a ChatML one that drops an answer's reasoning (as reasoning models' templates
+do), and a Mistral-style one that rejects a system role with raise_exception.
 """
 
 import json
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer as HFTokenizer
+
+from titan_cp.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = REPO / "assets/tokenizer/tokenizer.json"
@@ -64,6 +68,17 @@ NO_SYSTEM_STYLE = (
     "{% endfor %}"
 )
 
+REASONING_STYLE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% set content = message['content'].split('</think>')[-1].lstrip() %}"
+    "{% generation %}{{ content }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+)
+
 SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"}
 
 CONVERSATIONS = [
@@ -79,6 +94,10 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "hello hello"},
         {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "  Fare thee well.  "},
+    ],
+    [
+        {"role": "user", "content": "Who is Cominius?"},
+        {"role": "assistant", "content": "<think>A general in Coriolanus.</think>\n\nA Roman general."},
     ],
 ]
 
@@ -109,3 +128,14 @@ def hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def one_line_error(fn, *parts: str) -> str:
+    """The UserError `fn` raises: one line, holding every part."""
+    with pytest.raises(UserError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, message
+    return message

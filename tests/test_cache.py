@@ -16,7 +16,8 @@ from tests.chat_utils import CHATML_STYLE, LLAMA3_STYLE, tokenizer_folder
 from tests.script_utils import load_script
 from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer
-from titan_cp.data.cache import TokenCache, to_arrays, write_cache
+from titan_cp.data.cache import to_arrays, write_cache
+from titan_cp.data.cache_reader import TokenCache
 from titan_cp.data.formats import Encoder
 from titan_cp.data.loader import build_samples
 from titan_cp.errors import UserError

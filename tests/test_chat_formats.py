@@ -14,14 +14,15 @@ from tests.chat_utils import (
     CONVERSATIONS,
     LLAMA3_STYLE,
     NO_SYSTEM_STYLE,
+    REASONING_STYLE,
     SHIPPED_TOKENIZER,
     hf_tokenizer,
+    one_line_error,
     tokenizer_folder,
 )
 from titan_cp.data.chat_template import compile_template, render
 from titan_cp.data.formats import Encoder, encode_dataset
 from titan_cp.data.tokenizer import Tokenizer
-from titan_cp.errors import UserError
 
 # (template, where it is stored, conversations it accepts)
 TEMPLATES = {
@@ -29,6 +30,7 @@ TEMPLATES = {
     "llama3_jinja_file": (LLAMA3_STYLE, "file", CONVERSATIONS),
     "chatml_named_list": (CHATML_STYLE, "named", CONVERSATIONS),
     "no_system": (NO_SYSTEM_STYLE, "config", CONVERSATIONS[1:]),
+    "reasoning": (REASONING_STYLE, "config", CONVERSATIONS),
 }
 
 
@@ -64,7 +66,7 @@ def test_chat_rendering_and_ids_equal_apply_chat_template(tmp_path, name) -> Non
         assert mask == [False] + [True] * (len(ids) - 1)
 
 
-@pytest.mark.parametrize("name", ["llama3_jinja_file", "chatml_named_list"])
+@pytest.mark.parametrize("name", ["llama3_jinja_file", "chatml_named_list", "reasoning"])
 def test_targets_are_the_assistant_spans_and_the_end_of_turn_token(tmp_path, name) -> None:
     folder, conversations = folder_for(tmp_path, name)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
@@ -76,6 +78,9 @@ def test_targets_are_the_assistant_spans_and_the_end_of_turn_token(tmp_path, nam
         assert any(mask) and not all(mask[1:])
         turn_ends = {ids[i] for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])}
         assert turn_ends == set(tok.encode("<|eot_id|>" if "llama3" in name else "<|im_end|>"))
+    if name == "reasoning":  # the rendered answer has no reasoning, and is found all the same
+        ids, mask = Encoder(tok, "chat").encode_batch([{"messages": conversations[-1]}])[0]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "A Roman general.<|im_end|>"
 
 
 def test_alpaca_goes_through_the_template_as_one_user_and_one_assistant_turn(tmp_path) -> None:
@@ -154,15 +159,6 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def one_line(fn, *parts: str) -> None:
-    with pytest.raises(UserError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, message
-
-
 def test_bad_records_name_file_and_line(tmp_path) -> None:
     folder = tokenizer_folder(tmp_path / "f", NO_SYSTEM_STYLE)
     tok = Tokenizer(folder)
@@ -172,29 +168,35 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
         return lambda: list(encode_dataset(path, fmt, tok, train_on_inputs, batch_size=2))
 
     missing = write_jsonl(tmp_path / "missing.jsonl", [chat, {"text": "x"}, {"msgs": []}])
-    one_line(encode(missing, "alpaca"), missing, "line 1", "is a chat record in a alpaca dataset")
-    one_line(encode(missing, "chat"), missing, "line 2", "text record in a chat dataset")
+    one_line_error(encode(missing, "alpaca"), missing, "line 1", "format chat in a dataset of format alpaca")
+    one_line_error(encode(missing, "chat"), missing, "line 2", "format text in a dataset of format chat")
     no_fields = write_jsonl(tmp_path / "no_fields.jsonl", [chat, chat, {"msgs": []}])
-    one_line(encode(no_fields), no_fields, "line 3", "needs 'messages'", "found missing")
-    one_line(encode(write_jsonl(tmp_path / "u.jsonl", [{"msgs": 1}])), "u.jsonl line 1", "none of the fields")
+    one_line_error(encode(no_fields), no_fields, "line 3", "needs 'messages'", "found missing")
+    one_line_error(encode(write_jsonl(tmp_path / "u.jsonl", [{"msgs": 1}])), "u.jsonl line 1", "none of the fields")
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [chat, {"instruction": "a", "output": "b"}])
-    one_line(encode(mixed), mixed, "line 2", "alpaca record in a chat dataset", f"auto took it from {mixed} line 1")
+    one_line_error(encode(mixed), mixed, "line 2", "format alpaca in a dataset of format chat", f"auto took it from {mixed} line 1")
     system = write_jsonl(tmp_path / "system.jsonl", [chat, {"messages": CONVERSATIONS[0]}])
-    one_line(encode(system), system, "line 2", str(folder / "tokenizer_config.json"), "System role not supported")
+    one_line_error(encode(system), system, "line 2", str(folder / "tokenizer_config.json"), "System role not supported")
     bad_role = write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"content": "hi"}]}])
-    one_line(encode(bad_role), bad_role, "line 1", "message 1", "'role'")
-    one_line(lambda: Encoder(Tokenizer(SHIPPED_TOKENIZER), "chat").encode_batch([chat]), str(SHIPPED_TOKENIZER),
+    one_line_error(encode(bad_role), bad_role, "line 1", "message 1", "'role'")
+    one_line_error(lambda: Encoder(Tokenizer(SHIPPED_TOKENIZER), "chat").encode_batch([chat]), str(SHIPPED_TOKENIZER),
              "no chat template")
-    one_line(lambda: Encoder(tok, "csv"), "training.dataset_format", "prompt_completion")
+    one_line_error(lambda: Encoder(tok, "csv"), "training.dataset_format", "prompt_completion")
 
     rewrites = Tokenizer(tokenizer_folder(tmp_path / "upper", "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"))
     path = write_jsonl(tmp_path / "upper.jsonl", [chat])
-    one_line(encode_with(rewrites, path), path, "message 2 (assistant)", "train_on_inputs = true")
+    one_line_error(encode_with(rewrites, path), path, "message 2 (assistant)", "train_on_inputs = true")
     assert list(encode_dataset(path, "chat", rewrites, "true"))  # with every token a target, nothing to locate
 
     broken = tokenizer_folder(tmp_path / "broken", "{% for m in messages %}")
-    one_line(lambda: Encoder(Tokenizer(broken), "chat"), str(broken / "tokenizer_config.json"), "not valid Jinja")
+    one_line_error(lambda: Encoder(Tokenizer(broken), "chat"), str(broken / "tokenizer_config.json"), "not valid Jinja")
 
 
 def encode_with(tok, path):
     return lambda: list(encode_dataset(path, "chat", tok))
+
+
+def test_a_conversation_that_renders_to_nothing_is_an_empty_document(tmp_path) -> None:
+    tok = Tokenizer(tokenizer_folder(tmp_path / "f", "{% for m in messages if m['role'] == 'tool' %}x{% endfor %}"))
+    assert Encoder(tok, "chat", "true").encode_batch([{"messages": CONVERSATIONS[2]}]) == [([], [])]
+    assert list(encode_dataset(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[2]}]), "chat", tok, "true")) == []

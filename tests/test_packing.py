@@ -14,7 +14,8 @@ import torch
 
 from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer, build_dataloader
-from titan_cp.data.cache import TokenCache, to_arrays, write_cache
+from titan_cp.data.cache import to_arrays, write_cache
+from titan_cp.data.cache_reader import TokenCache
 from titan_cp.data.documents import read_documents
 from titan_cp.data.packing import PackedSamples, best_fit_decreasing, plan_packing
 

@@ -13,11 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, tokenizer_folder
+from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, one_line_error, tokenizer_folder
 from titan_cp.data.formats import Encoder, encode_dataset
 from titan_cp.data.records import dataset_files, iter_records
 from titan_cp.data.tokenizer import Tokenizer
-from titan_cp.errors import UserError
 
 RECORDS = {
     "chat": [{"messages": m} for m in CONVERSATIONS * 2],
@@ -108,42 +107,34 @@ def test_json_lines_in_a_json_file_are_read_as_lines(tmp_path) -> None:
     assert [(r.data["text"], r.where) for r in iter_records(path)] == [("a", f"{path} line 1"), ("b", f"{path} line 2")]
 
 
-def one_line(fn, *parts: str) -> None:
-    with pytest.raises(UserError) as info:
-        fn()
-    assert "\n" not in str(info.value)
-    for part in parts:
-        assert part in str(info.value), str(info.value)
-
-
 def test_bad_files(tmp_path, monkeypatch) -> None:
     def read(path):
         return lambda: list(iter_records(path))
 
     not_list = tmp_path / "obj.json"
     not_list.write_text('  [1, 2]')
-    one_line(read(not_list), str(not_list), "record 1", "not a JSON object")
+    one_line_error(read(not_list), str(not_list), "record 1", "not a JSON object")
     bad_gz = tmp_path / "bad.jsonl.gz"
     bad_gz.write_text("plain text")
-    one_line(read(bad_gz), str(bad_gz), "gzip")
+    one_line_error(read(bad_gz), str(bad_gz), "gzip")
     bad_utf8 = tmp_path / "bad.jsonl"
     first, second = b'{"text": "a"}\n', b'{"text": "caf\xe9"}\n'
     bad_utf8.write_bytes(first + second)
     offset = len(first) + second.index(b"\xe9")
-    one_line(read(bad_utf8), str(bad_utf8), "line 2", "not UTF-8", f"byte offset {offset}")
+    one_line_error(read(bad_utf8), str(bad_utf8), "line 2", "not UTF-8", f"byte offset {offset}")
     bad_parquet = tmp_path / "bad.parquet"
     bad_parquet.write_text("nope")
-    one_line(read(bad_parquet), str(bad_parquet), "not a Parquet file")
+    one_line_error(read(bad_parquet), str(bad_parquet), "not a Parquet file")
     split_less = tmp_path / "dd"
     split_less.mkdir()
     (split_less / "dataset_dict.json").write_text('{"splits": ["test"]}')
-    one_line(read(split_less), str(split_less), "without a 'train' split", "splits: test")
-    one_line(read(tmp_path / "nothing"), "does not exist")
+    one_line_error(read(split_less), str(split_less), "without a 'train' split", "splits: test")
+    one_line_error(read(tmp_path / "nothing"), "does not exist")
     (tmp_path / "data.csv").write_text("a,b")
-    one_line(read(tmp_path / "data.csv"), "data.csv", ".parquet")
+    one_line_error(read(tmp_path / "data.csv"), "data.csv", ".parquet")
 
     good = tmp_path / "good.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": "a"}]), good)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    one_line(read(good), str(good), "needs pyarrow", "titan_cp[parquet]")
+    one_line_error(read(good), str(good), "needs pyarrow", "titan_cp[parquet]")

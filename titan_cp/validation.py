@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from titan_cp.config.schema import Training, Validation
 from titan_cp.context_parallel import ContextParallel
-from titan_cp.data.cache import IGNORE_INDEX
+from titan_cp.loss import IGNORE_INDEX
 from titan_cp.data.loader import build_samples
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.errors import UserError

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from titan_cp.data.cache import TokenCache, cache_key, cache_root, is_complete, write_cache
+from titan_cp.data.cache import cache_key, cache_root, is_complete, write_cache
+from titan_cp.data.cache_reader import TokenCache
 from titan_cp.data.encode_pool import encoded_batches, record_batches
 from titan_cp.data.formats import Encoder
 from titan_cp.errors import UserError

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.config.schema import Training
-from titan_cp.data.cache import TokenCache
+from titan_cp.data.cache_reader import TokenCache
 from titan_cp.data.corpus import open_corpus
 from titan_cp.data.formats import Encoder, resolve_truncation
 from titan_cp.data.packing import TRUNCATION_VERBS, PackedSamples, load_or_plan

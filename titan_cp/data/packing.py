@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from titan_cp.data.cache import IGNORE_INDEX, TokenCache
+from titan_cp.data.cache_reader import TokenCache
+from titan_cp.loss import IGNORE_INDEX
 
 # What happens to a document longer than seq_len, by training.truncation (resolved).
 TRUNCATION_VERBS = {"split": "split into pieces", "truncate": "truncated", "drop": "dropped"}

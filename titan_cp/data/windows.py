@@ -8,7 +8,7 @@ here, on the full window, before any cp sharding.
 
 import torch
 
-from titan_cp.data.cache import TokenCache
+from titan_cp.data.cache_reader import TokenCache
 
 
 class WindowSamples:
