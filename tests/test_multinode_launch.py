@@ -3,9 +3,8 @@
 `scripts/slurm_train.sbatch` starts them, with stand-ins for `srun` (one task per node of a
 two-node allocation, all on this host) and `scontrol` (node 0 is 127.0.0.1). One process per
 "node" and cp = 2 (static rendezvous at node 0), so the ring crosses between the nodes: the
-per-step losses equal one process
-without cp (the hybrid Ulysses x ring math is checked against cp = 1 in
-tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
+per-step losses equal one process without cp (the hybrid Ulysses x ring math is checked against
+cp = 1 in tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
 line (these two nodes meet through RDZV_ENDPOINT, torchrun's c10d rendezvous), and a multi-node
 setting without a rendezvous address is refused before torchrun starts.
 """
