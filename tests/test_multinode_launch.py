@@ -98,4 +98,5 @@ def test_multi_node_without_an_address_is_refused(tmp_path):
         env={k: v for k, v in {**os.environ, "NNODES": "2", "NODE_RANK": "0"}.items() if k != "MASTER_ADDR"},
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: NNODES=2 needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT"
+    expected = "error: NNODES=2 needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT"
+    assert result.stderr.strip() == expected
