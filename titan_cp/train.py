@@ -17,6 +17,7 @@ from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
+from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 from titan_cp.memory import check_fits, estimate_memory
@@ -187,8 +188,9 @@ class Trainer:
             check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
     def convert(self) -> None:
-        """Model converters (for example Float8 linears) swap modules here: on the meta model,
-        before parallelization wraps them. None is configured yet."""
+        """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
+        model, before parallelization wraps them."""
+        apply_converters(self.model, self.cfg.model.converters, self.device)
 
     def parallelize(self) -> None:
         cfg = self.cfg
@@ -277,8 +279,13 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm, tokens)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches.
+
+        Returns (loss, grad_norm, tokens) as device tensors, read only on logging steps: reading
+        them here would make the host wait for the GPU every step, leaving the GPU idle while the
+        next step's first kernels are launched.
+        """
         micro_batches = [self.cp.shard(*next(self.dataloader_iter).as_tuple()) for _ in range(self.grad_accum_steps)]
         loss_sum, global_count = forward_backward(
             self.model, micro_batches, self.device, self.cfg.training.loss_chunk_size
@@ -287,15 +294,15 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum / global_count).item(), grad_norm, int(global_count.item())
+        return loss_sum / global_count, grad_norm, global_count
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return norm.item()
+        return norm
 
     def train(self) -> None:
         training = self.cfg.training
@@ -307,23 +314,35 @@ class Trainer:
             self.rank,
         )
         first_step = self.step + 1
+        ckpt = self.cfg.checkpoint
+        tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
         while self.step < training.steps:
             self.step += 1
+            last_step = self.step == training.steps
             loss, grad_norm, step_tokens = self.train_step()
+            tokens_since_sync += step_tokens
             if self.step == first_step:
                 # The first step includes compilation and lazy initialisation; later steps
                 # get the shorter timeout so a dead rank ends the job quickly.
                 set_collective_timeout(self.cfg.comm.train_timeout_seconds)
-            self.ntokens_seen += step_tokens
-            self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
-            self.metrics.count(step_tokens // self.world_size)
-            if self.step % self.cfg.metrics.log_freq == 0 or self.step == training.steps:
-                self.metrics.log(self.step, loss, grad_norm, self.lr_scheduler.get_last_lr()[0], self.ntokens_seen)
-            if self.preemption.should_stop(self.device):
+            # The host reads device values only where it needs them: to log, and to save the token
+            # count with a checkpoint. One process checks preemption without a collective.
+            logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
+            stopping = self.preemption.requested if self.world_size == 1 else self.preemption.should_stop(self.device)
+            if logging or stopping or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
+                tokens = int(tokens_since_sync.item())
+                tokens_since_sync.zero_()
+                self.ntokens_seen += tokens
+                self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
+                self.metrics.count(tokens // self.world_size)
+            if logging:
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
+            if stopping:
                 print_rank0(f"SIGTERM received: saving a checkpoint at step {self.step} and stopping", self.rank)
                 self.checkpoint.save(self.step)
                 return
-            self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
+            self.checkpoint.maybe_save(self.step, last_step=last_step)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
             serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)

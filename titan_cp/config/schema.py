@@ -7,6 +7,9 @@ Key names follow torchtitan v0.2.2 where it has them. Every field carries a one-
 from dataclasses import dataclass, field
 from typing import Literal
 
+# A boolean that may also be left to the device: "auto" decides when the run starts.
+AutoBool = bool | Literal["auto"]
+
 
 def option(default, help: str):
     """A config field with its help text."""
@@ -38,6 +41,13 @@ class Model:
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
         " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package)",
+    )
+    converters: list[Literal["float8"]] = field(
+        default_factory=list,
+        metadata={
+            "help": "model rewrites applied before parallelisation: float8 (torchao Float8 linear layers,"
+            " CUDA only, pip install titan_cp[float8]); a TOML array or a comma list on the command line"
+        },
     )
 
 
@@ -145,14 +155,16 @@ class Checkpoint:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "selective", "full"] = option(
-        "none", "recompute activations in backward: none, selective (keeps attention outputs), full"
+    mode: Literal["none", "selective", "full", "full_except_attention"] = option(
+        "none",
+        "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full, or"
+        " full_except_attention (recomputes each block but keeps attention's output and LSE)",
     )
 
 
 @dataclass
 class Compile:
-    enable: bool = option(False, "torch.compile each transformer block")
+    enable: AutoBool = option("auto", "torch.compile each transformer block: true, false, or auto (on for CUDA, off on CPU)")
 
 
 @dataclass
