@@ -125,7 +125,8 @@ def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int,
 
     Matches titan_cp.parallel.parallelize.checkpoint_block: selective checkpoints the two norms
     and the feed-forward (each keeps only its input, and a norm's output is kept by its
-    consumer), full the whole block (only its input is kept).
+    consumer), full the whole block (only its input is kept), full_except_attention the whole
+    block but attention's output and fp32 LSE, which it keeps besides the input.
     """
     halves = _block_bytes_per_token(model_args, act_bytes)
     whole = halves["attention_half"] + halves["swiglu_half"]
@@ -138,7 +139,12 @@ def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int,
         return kept, halves["swiglu_half"] + norm
     if ac_mode == "full":
         return model_args.dim * act_bytes, whole
-    raise UserError(f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full")
+    if ac_mode == "full_except_attention":
+        attention = model_args.n_heads * (model_args.head_dim * act_bytes + FP32)
+        return model_args.dim * act_bytes + attention, whole - attention
+    raise UserError(
+        f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective, full or full_except_attention"
+    )
 
 
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:

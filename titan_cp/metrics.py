@@ -90,10 +90,13 @@ class MetricsLogger:
         self.window_tokens = 0
         return record
 
-    def log_extra(self, step: int, values: dict) -> None:
-        """Print and append a record of extra figures (the validation loss) for `step`."""
+    def log_extra(self, step: int, values: dict, seconds_outside_training: float = 0.0) -> None:
+        """Print and append a record of extra figures for `step` (the validation loss); the seconds
+        they took are left out of the next record's throughput."""
+        self.window_start += seconds_outside_training
         if self.is_writer:
-            print(f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()), flush=True)
+            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            print(f"step {step:5d}  {shown}", flush=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 

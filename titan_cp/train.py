@@ -6,15 +6,19 @@ Every part is handed only the config section it needs.
 
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_weights
+from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
+from titan_cp.checkpoint.hf_serving import serving_files
 from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
+from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 from titan_cp.memory import check_fits, estimate_memory
@@ -30,6 +34,9 @@ from titan_cp.parallel import (
     pick_device,
     set_collective_timeout,
 )
+
+
+DEFAULT_TOKENIZER = "assets/tokenizer/tokenizer.json"
 
 
 def set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -85,7 +92,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.init_distributed()
-        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
+        self.tokenizer = self.build_tokenizer()
         self.model_args = self.build_model_args()
         self.cp = self.build_context_parallel()
         self.check_memory()
@@ -108,29 +115,58 @@ class Trainer:
         cfg = self.cfg
         self.device = pick_device()
         self.rank, self.world_size = init_distributed(self.device, cfg.comm.init_timeout_seconds)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.dims = ParallelDims.from_config(
+            cfg.parallelism, self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        )
         self.meshes = self.dims.build_meshes(self.device.type)
         set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
         self.grad_accum_steps = self._grad_accum_steps(cfg.training)
 
+    def build_tokenizer(self) -> Tokenizer:
+        """model.tokenizer_path, else the model.hf_assets_path folder, else the shipped tokenizer."""
+        model = self.cfg.model
+        if model.tokenizer_path:
+            return Tokenizer(model.tokenizer_path)
+        if not model.hf_assets_path:
+            return Tokenizer(DEFAULT_TOKENIZER)
+        if not Path(model.hf_assets_path).is_dir():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: not a folder; expected a Hugging Face model"
+                " folder with config.json and tokenizer files"
+            )
+        if not (Path(model.hf_assets_path) / "tokenizer.json").is_file():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: no tokenizer.json in the folder; set"
+                " model.tokenizer_path to a tokenizer.json file or a Hugging Face tokenizer folder"
+            )
+        return Tokenizer(model.hf_assets_path)
+
     def build_model_args(self) -> TransformerModelArgs:
-        flavor = self.cfg.model.flavor
-        if flavor not in llama3_flavors:
-            raise UserError(f"model.flavor '{flavor}' is not known; valid: {', '.join(llama3_flavors)}")
-        args = llama3_flavors[flavor]
+        """The shape from model.hf_assets_path's config.json, else from model.flavor."""
+        model = self.cfg.model
+        if model.hf_assets_path:
+            args = load_hf_args(model.hf_assets_path)
+        elif model.flavor not in llama3_flavors:
+            raise UserError(f"model.flavor '{model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
+        else:
+            args = llama3_flavors[model.flavor]
         if self.tokenizer.vocab_size > args.vocab_size:
             raise UserError(
-                f"tokenizer {self.cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} tokens but model"
-                f" flavor {flavor} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
+                f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but model"
+                f" {self._model_source()} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
             )
         return args
+
+    def _model_source(self) -> str:
+        hf_assets_path = self.cfg.model.hf_assets_path
+        return f"(shape from {Path(hf_assets_path) / 'config.json'})" if hf_assets_path else self.cfg.model.flavor
 
     def build_context_parallel(self) -> ContextParallel:
         cfg = self.cfg
         cp = ContextParallel(
             self.meshes.cp, cfg.parallelism, cfg.model.attn_implementation, cfg.training.sample_packing, self.device
         )
-        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads)
+        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads, self.model_args.n_heads)
         return cp
 
     def check_memory(self) -> None:
@@ -155,8 +191,9 @@ class Trainer:
             check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
     def convert(self) -> None:
-        """Model converters (for example Float8 linears) swap modules here: on the meta model,
-        before parallelization wraps them. None is configured yet."""
+        """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
+        model, before parallelization wraps them."""
+        apply_converters(self.model, self.cfg.model.converters, self.device)
 
     def parallelize(self) -> None:
         cfg = self.cfg
@@ -174,9 +211,9 @@ class Trainer:
     def print_model_summary(self) -> None:
         n_params = self.model_args.num_params(exclude_embedding=False)
         print_rank0(
-            f"model llama3 {self.cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
+            f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
+            f" attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 
@@ -253,8 +290,13 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm, tokens)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches.
+
+        Returns (loss, grad_norm, tokens) as device tensors, read only on logging steps: reading
+        them here would make the host wait for the GPU every step, leaving the GPU idle while the
+        next step's first kernels are launched.
+        """
         micro_batches = [self.cp.shard(*next(self.dataloader_iter).as_tuple()) for _ in range(self.grad_accum_steps)]
         loss_sum, global_count = forward_backward(
             self.model, micro_batches, self.device, self.cfg.training.loss_chunk_size
@@ -263,15 +305,15 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum / global_count).item(), grad_norm, int(global_count.item())
+        return loss_sum / global_count, grad_norm, global_count
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return norm.item()
+        return norm
 
     def train(self) -> None:
         training = self.cfg.training
@@ -283,29 +325,45 @@ class Trainer:
             self.rank,
         )
         first_step = self.step + 1
+        ckpt = self.cfg.checkpoint
+        tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
         while self.step < training.steps:
             self.step += 1
+            last_step = self.step == training.steps
             loss, grad_norm, step_tokens = self.train_step()
+            tokens_since_sync += step_tokens
             if self.step == first_step:
                 # The first step includes compilation and lazy initialisation; later steps
                 # get the shorter timeout so a dead rank ends the job quickly.
                 set_collective_timeout(self.cfg.comm.train_timeout_seconds)
-            self.ntokens_seen += step_tokens
-            self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
-            self.metrics.count(step_tokens // self.world_size)
-            if self.step % self.cfg.metrics.log_freq == 0 or self.step == training.steps:
-                self.metrics.log(self.step, loss, grad_norm, self.lr_scheduler.get_last_lr()[0], self.ntokens_seen)
+            # The host reads device values only where it needs them: to log, and to save the token
+            # count with a checkpoint. One process checks preemption without a collective.
+            logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
+            stopping = self.preemption.requested if self.world_size == 1 else self.preemption.should_stop(self.device)
+            if logging or stopping or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
+                tokens = int(tokens_since_sync.item())
+                tokens_since_sync.zero_()
+                self.ntokens_seen += tokens
+                self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
+                self.metrics.count(tokens // self.world_size)
+            if logging:
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
             if self.validator is not None and self.validator.should_run(self.step):
+                started = time.perf_counter()
                 validation_loss, validation_tokens = self.validator.run(self.model)
-                self.metrics.log_extra(self.step, {"validation_loss": validation_loss, "validation_tokens": validation_tokens})
-            if self.preemption.should_stop(self.device):
+                values = {"validation_loss": validation_loss, "validation_tokens": validation_tokens}
+                self.metrics.log_extra(self.step, values, seconds_outside_training=time.perf_counter() - started)
+            if stopping:
                 print_rank0(f"SIGTERM received: saving a checkpoint at step {self.step} and stopping", self.rank)
                 self.checkpoint.save(self.step)
                 return
-            self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
+            self.checkpoint.maybe_save(self.step, last_step=last_step)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
-            export_hf(self.model, self.model_args, out_dir)
+            serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
+            dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.cfg.checkpoint.export_dtype]
+            export_hf(self.model, self.model_args, out_dir, dtype=dtype, serving=serving)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
 
 
@@ -316,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         Trainer(cfg).train()
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+        # One rank per node: each node's launcher then reports the line and exits non-zero.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             if error_file:
                 with open(error_file, "w") as f:
                     f.write(f"error: {error}\n")
