@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tests import cp_model_utils as cpm
 from tests.dist_utils import run_distributed
+from tests.train_utils import TINY, read_metrics, run_train
 from titan_cp.config.schema import Parallelism, Training, Validation
 from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer
@@ -125,3 +126,18 @@ def test_validation_loss_is_the_same_for_every_layout(dataset) -> None:
                 got_loss, got_targets = rank_result[key]
                 assert got_targets == targets, (world_size, key)
                 assert abs(got_loss - loss) <= RTOL * loss, (world_size, key, got_loss, loss)
+
+
+def test_the_trainer_logs_the_validation_loss(dataset, tmp_path: Path) -> None:
+    path, cache_dir = dataset
+    overrides = ["--training.sample_packing", "true", "--training.dataset_cache_dir", cache_dir, "--training.steps", "2"]
+    validation = ["--validation.enable", "true", "--validation.dataset_path", path, "--validation.freq", "1"]
+    result = run_train(tmp_path, *TINY, *overrides, *validation)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [r for r in read_metrics(tmp_path) if "validation_loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    training = Training(dataset_path=path, dataset_cache_dir=cache_dir, seq_len=64, sample_packing=True)
+    samples = build_samples(path, "validation.dataset_path", training, Tokenizer(TOKENIZER))
+    targets = sum(int((samples[i][1] != -100).sum()) for i in range(len(samples)))
+    assert all(r["validation_tokens"] == targets for r in records)  # the whole set, once per run
+    assert records[0]["validation_loss"] != records[1]["validation_loss"]  # after another optimizer step
