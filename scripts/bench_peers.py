@@ -66,8 +66,8 @@ def torchtitan_best_ac(seq_len: int) -> str:
 
 
 def peer_rows(seq_lens: list[int], steps: int) -> list[Row]:
-    """The comparison table: titan_cp's GPU defaults (compiled; AC that keeps attention),
-    torchtitan's best setting, HF with gradient checkpointing and Liger's fused loss."""
+    """The comparison table: titan_cp compiled (the CUDA default) with `full_except_attention`
+    AC, torchtitan's best setting, HF with gradient checkpointing and Liger's fused loss."""
     rows = []
     for seq in seq_lens:
         rows.append(Row("titan_cp", seq, "full_except_attention", ["--activation_checkpoint.mode", "full_except_attention"], steps))

@@ -16,7 +16,6 @@ from titan_cp.data.documents import read_documents
 from titan_cp.metrics import flops_per_token
 from titan_cp.models.llama3.args import RopeScaling, TransformerModelArgs, llama3_flavors
 
-sys.path.insert(0, str(SCRIPTS))  # bench_peers imports bench_torchtitan_peer by name
 peers = load_script("bench_peers")
 tt = load_script("bench_torchtitan_peer")
 plot_peers = load_script("plot_peers")

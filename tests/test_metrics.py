@@ -56,16 +56,16 @@ def test_progress_line_summary_and_validation_record(tmp_path, capsys):
         logger.step_done(step)
     logger.count(512)
     record = logger.log(2, 5.0, 1.0, 1e-3, 512)
-    logger.log_validation(2, 4.5)
+    logger.log_validation(2, 4.5, 640)
     summary = logger.finish()
     out = capsys.readouterr().out
     step_line = next(line for line in out.splitlines() if line.startswith("step  2/10  loss"))
     assert "eta" in step_line and record["eta_seconds"] >= 0
-    assert "validation loss   4.5000" in out
+    assert "validation loss   4.5000 over 640 tokens" in out
     assert summary.startswith("done: 2 steps (1-2)") and "512 tokens" in summary and "peak memory" in summary
     assert summary in out
     records = _records(tmp_path / "metrics.jsonl")
-    assert records[1] == {"step": 2, "validation_loss": 4.5}
+    assert records[1] == {"step": 2, "validation_loss": 4.5, "validation_tokens": 640}
 
 
 def test_format_duration():
@@ -81,7 +81,7 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
         logger.step_done(step)
         logger.count(128)
         logger.log(step, 6.0 - step, 1.5, 1e-3 * step, 128 * step)
-    logger.log_validation(2, 4.25)
+    logger.log_validation(2, 4.25, 640)
     logger.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

@@ -38,7 +38,7 @@ def train_curves(dump_folder: Path, *overrides: str, ngpu: int = 1) -> dict[str,
     """Per-step `loss` and `grad_norm` of a tiny launcher run that logs every step."""
     result = run_train(dump_folder, *TINY, *overrides, ngpu=ngpu)
     assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    records = read_metrics(dump_folder)
+    records = [record for record in read_metrics(dump_folder) if "loss" in record]
     return {key: [record[key] for record in records] for key in ("loss", "grad_norm")}
 
 

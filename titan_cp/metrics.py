@@ -159,11 +159,13 @@ class MetricsLogger:
         self.window_tokens = 0
         return record
 
-    def log_validation(self, step: int, loss: float) -> dict:
-        """Record the validation loss measured after `step` (same value on every rank)."""
-        record = {"step": step, "validation_loss": loss}
+    def log_validation(self, step: int, loss: float, tokens: int, seconds_outside_training: float = 0.0) -> dict:
+        """Record the validation loss (over `tokens` targets) measured after `step`, the same on
+        every rank; the seconds it took are left out of the next record's throughput."""
+        self.window_start += seconds_outside_training
+        record = {"step": step, "validation_loss": loss, "validation_tokens": tokens}
         if self.is_writer:
-            print(f"step {step}/{self.total_steps}  validation loss {loss:8.4f}", flush=True)
+            print(f"step {step}/{self.total_steps}  validation loss {loss:8.4f} over {tokens:,} tokens", flush=True)
             self._write(record)
         return record
 

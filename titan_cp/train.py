@@ -29,6 +29,7 @@ from titan_cp.loss import IGNORE_INDEX
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.output_folder import output_folder_error
+from titan_cp.validation import Validator
 from titan_cp.parallel import (
     ParallelDims,
     init_distributed,
@@ -108,6 +109,7 @@ class Trainer:
         self.print_model_summary()
         self.optimizer, self.lr_scheduler = self.build_optimizer()
         self.dataloader = self.build_data()
+        self.validator = self.build_validator()
         self.checkpoint = self.build_checkpoint()
         self.step = self.load_checkpoint_or_initial_weights()
         self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
@@ -242,6 +244,12 @@ class Trainer:
         print_rank0(dataloader.summary(), self.rank)
         return dataloader
 
+    def build_validator(self) -> Validator | None:
+        if not self.cfg.validation.enable:
+            return None
+        dp_rank = self.dims.dp_rank(self.rank)
+        return Validator(self.cfg.validation, self.cfg.training, self.tokenizer, dp_rank, self.dims.dp, self.cp, self.device)
+
     def build_checkpoint(self) -> CheckpointManager:
         return CheckpointManager(
             self.cfg.checkpoint,
@@ -365,6 +373,12 @@ class Trainer:
                 self.metrics.count(tokens)
             if logging:
                 self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
+            if self.validator is not None and self.validator.should_run(self.step):
+                started = time.perf_counter()
+                validation_loss, validation_tokens = self.validator.run(self.model)
+                self.metrics.log_validation(
+                    self.step, validation_loss, validation_tokens, seconds_outside_training=time.perf_counter() - started
+                )
             if stop:
                 self.save_and_stop(stop)
                 return stop

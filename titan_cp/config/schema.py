@@ -89,6 +89,11 @@ class Training:
         "auto", "a document longer than seq_len: split into pieces, truncate to its first seq_len tokens,"
         " or drop it; auto: split for text, truncate for the other formats",
     )
+    dataset_cache_dir: str = option(
+        "",
+        "folder for token caches (tokenized once, reused while the data, tokenizer and format are unchanged);"
+        " empty: .titan_cp_cache next to the dataset",
+    )
     seq_len: int = option(2048, "tokens per sequence (the full length, before cp sharding)")
     local_batch_size: int = option(8, "sequences per micro-batch on each data-parallel rank")
     global_batch_size: int = option(
@@ -107,6 +112,19 @@ class Training:
     )
     loss_chunk_size: int = option(
         4096, "tokens per chunk of the output projection and loss; 0 computes all logits at once"
+    )
+
+
+@dataclass
+class Validation:
+    enable: bool = option(False, "compute the loss on validation.dataset_path every validation.freq steps")
+    dataset_path: str = option(
+        "", "validation data in any form training.dataset_path accepts; read with the training's tokenizer,"
+        " format, seq_len and packing",
+    )
+    freq: int = option(500, "steps between validation runs (at every step divisible by it)")
+    steps: int = option(
+        -1, "validation steps of training.global_batch_size sequences each; -1 reads the whole validation set once"
     )
 
 
@@ -200,6 +218,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
