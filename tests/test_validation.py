@@ -6,7 +6,8 @@ must give the cp = 1 figure within 1e-5 relative, and cp = 1 must equal an indep
 cross entropies over every sample of the set, each read exactly once. The set's size does not
 divide into whole validation steps, so the empty samples that fill the last step are covered.
 The token cache is built here first; in the spawned runs local rank 0 opens it (and adds the
-packing plan) while the other ranks wait for it.
+packing plan) while the other ranks wait for it, and a bad record met by local rank 0 reaches
+every rank as the same one-line error. The trainer logs the figure in metrics.jsonl.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from titan_cp.config.schema import Parallelism, Training, Validation
 from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer
 from titan_cp.data.loader import build_samples
+from titan_cp.errors import UserError
 from titan_cp.parallel import ParallelDims
 from titan_cp.validation import Validator
 
@@ -68,11 +70,17 @@ def validation_losses(dims: ParallelDims, meshes, dataset: str, cache_dir: str) 
     return results
 
 
-def _world(rank: int, world_size: int, dataset: str, cache_dir: str) -> dict:
+def _world(rank: int, world_size: int, dataset: str, cache_dir: str, bad_dataset: str) -> dict:
     torch.use_deterministic_algorithms(True)
     dp, cp = LAYOUTS[world_size]
     dims = ParallelDims.from_config(Parallelism(data_parallel_shard_degree=dp, context_parallel_degree=cp), world_size)
-    return validation_losses(dims, dims.build_meshes("cpu"), dataset, cache_dir)
+    results = validation_losses(dims, dims.build_meshes("cpu"), dataset, cache_dir)
+    # Local rank 0 builds this cache and meets the bad record; the other ranks wait for it.
+    try:
+        build_samples(bad_dataset, "validation.dataset_path", training(bad_dataset, cache_dir, True), Tokenizer(TOKENIZER))
+    except UserError as error:
+        results["error"] = str(error)
+    return results
 
 
 def independent_mean(dataset: str, cache_dir: str, packing: bool, num_samples: int | None) -> tuple[float, int]:
@@ -98,6 +106,7 @@ def dataset(tmp_path_factory) -> tuple[str, str]:
     path = folder / "valid.jsonl"
     # Documents of 2 to 70 words: some longer than seq_len, so packing splits them.
     path.write_text("".join(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(2, 70)))}) + "\n" for _ in range(13)))
+    (folder / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
     return str(path), str(folder / "cache")
 
 
@@ -119,8 +128,11 @@ def test_validation_loss_is_the_same_for_every_layout(dataset) -> None:
         partial = independent_mean(path, cache_dir, packing, 8)
         assert reference[(packing, 2)][1] == partial[1]
         assert abs(reference[(packing, 2)][0] - partial[0]) <= RTOL * partial[0]
+    bad = str(Path(path).parent / "bad.jsonl")
     for world_size in LAYOUTS:
-        results = run_distributed(_world, world_size, path, cache_dir)
+        results = run_distributed(_world, world_size, path, cache_dir, bad)
+        # Every rank reports the builder's one-line error, naming the file and line.
+        assert {r["error"] for r in results} == {f"training.dataset_path: {bad} line 3 is not JSON (Expecting value)"}
         for rank_result in results:
             for key, (loss, targets) in reference.items():
                 got_loss, got_targets = rank_result[key]

@@ -1,16 +1,19 @@
 """A dataset's token cache: found by its key, or built once per node while the other ranks wait.
 
 `open_corpus` is called by every rank. Under torch.distributed, local rank 0 of each node builds
-what is missing (the cache, then the packing plan) and writes a status file; the node's other
-ranks wait for that file. The status file's name carries a token rank 0 broadcasts at the start,
-so a status left by an earlier run is never mistaken for this run's. A build that fails on a
-user mistake (a bad record, say) reports the same one-line error on every rank.
+what is missing (the cache, then the packing plan) and writes a status file into the node's
+temporary folder (writable even when the cache folder is not); the node's other ranks wait for
+that file, with no collective, so a build may take longer than any collective timeout. The
+status file's name carries a token rank 0 broadcasts at the start, so a status left by an
+earlier run is never mistaken for this run's. A build that fails on a user mistake (a bad
+record, an unwritable cache folder) reports the same one-line error on every rank.
 
 Encoding runs in this process here; `scripts/prepare_data.py` spreads it over all cores
 (`encode_pool.py`), with the same result.
 """
 
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from titan_cp.data.encode_pool import encoded_batches, record_batches
 from titan_cp.data.formats import Encoder
 from titan_cp.errors import UserError
 
+_STATUS_PREFIX = "titan_cp_cache_status-"
 _STALE_STATUS_SECONDS = 3600
 
 
@@ -47,7 +51,7 @@ def build_corpus(
     write_cache(folder, batches, lambda: {**meta, "format": encoder.format}, progress)
 
 
-def on_local_leader(status_dir: Path, work: Callable[[], None]) -> None:
+def on_local_leader(work: Callable[[], None]) -> None:
     """Run `work` on local rank 0 of each node while the node's other ranks wait for its outcome.
 
     Called by every rank (it broadcasts once). Without torch.distributed, just runs `work`.
@@ -57,7 +61,7 @@ def on_local_leader(status_dir: Path, work: Callable[[], None]) -> None:
         return
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)
-    status = status_dir / f".status-{token[0]}"
+    status = Path(tempfile.gettempdir()) / f"{_STATUS_PREFIX}{token[0]}"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
             work()
@@ -75,8 +79,7 @@ def on_local_leader(status_dir: Path, work: Callable[[], None]) -> None:
 
 
 def _write_status(status: Path, text: str) -> None:
-    status.parent.mkdir(parents=True, exist_ok=True)
-    for old in status.parent.glob(".status-*"):
+    for old in status.parent.glob(f"{_STATUS_PREFIX}*"):
         if time.time() - old.stat().st_mtime > _STALE_STATUS_SECONDS:
             old.unlink(missing_ok=True)
     tmp = status.with_name(status.name + ".tmp")
@@ -102,7 +105,7 @@ def open_corpus(
         if then is not None:
             then(TokenCache(folder))
 
-    on_local_leader(folder.parent, build)
+    on_local_leader(build)
     cache = TokenCache(folder)
     if cache.num_tokens and cache.num_targets == 0:
         raise UserError(
