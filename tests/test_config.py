@@ -1,12 +1,11 @@
 """The config loader: precedence, override syntax, typing, every error message, --help and docs."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 
-from titan_cp.config import JobConfig, config_to_dict, format_help, load_config
+from titan_cp.config import JobConfig, format_help, load_config
 from titan_cp.errors import UserError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -254,6 +253,7 @@ RANGES = [
     ("parallelism.data_parallel_replicate_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "-1", "2"),
+    ("parallelism.context_parallel_ulysses_degree", "0", "1"),
     ("parallelism.data_parallel_shard_degree", "0", "-1"),
     ("parallelism.data_parallel_shard_degree", "-2", "1"),
     ("parallelism.heads_k_stride", "0", "1"),
@@ -312,10 +312,3 @@ def test_docs_config_md_is_in_sync_with_the_schema():
         "docs/config.md is out of date: paste the output of "
         "`python -c 'from titan_cp.config import format_help; print(format_help(), end=\"\")'`"
     )
-
-
-def test_config_to_dict_is_plain_and_complete():
-    d = config_to_dict(load_config(["--training.steps", "3"]))
-    assert json.loads(json.dumps(d)) == d
-    assert d["training"]["steps"] == 3
-    assert {(s, k) for s, keys in d.items() for k in keys} == set(all_keys())

@@ -274,8 +274,3 @@ def test_same_dp_rank_same_batches_for_a_cp_group(jsonl_corpus: Path, tok: Token
     a, b = (build_dataloader(training(jsonl_corpus), tok, 1, 2, seed=0) for _ in range(2))
     for x, y in zip(take(a, 5), take(b, 5)):
         assert torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels)
-
-
-def test_global_batch_must_divide(jsonl_corpus: Path, tok: Tokenizer) -> None:
-    cfg = training(jsonl_corpus, local_batch_size=2, global_batch_size=6)
-    one_line_error(lambda: build_dataloader(cfg, tok, 0, 2, seed=0), "training.global_batch_size", "2 x 2")

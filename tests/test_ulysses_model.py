@@ -1,4 +1,4 @@
-"""Ulysses and hybrid cp give the same model math as cp = 1 (DESIGN.md invariants 1-5).
+"""Ulysses and hybrid cp give the same model math as cp = 1 (invariants 1-5 in docs/architecture.md).
 
 A tiny Llama (8 query / 2 KV heads) is built and stepped as the trainer does
 (tests/cp_model_utils.py): pure Ulysses over 2 ranks on plain windows and on packed documents,

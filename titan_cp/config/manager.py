@@ -2,7 +2,7 @@
 
 Precedence is command line > TOML > schema defaults. Every value is typed and checked against
 the schema in `schema.py`, and every mistake becomes a one-line `UserError` naming the key and
-where it came from (DESIGN.md invariant 6). Checks that need the world size or the model live
+where it came from (invariant 7 in docs/architecture.md). Checks that need the world size or the model live
 with the parts that know them.
 """
 
@@ -282,6 +282,7 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
         "-1 (fill the world size) or >= 1",
     )
     check("parallelism.context_parallel_degree", p.context_parallel_degree >= 1, ">= 1")
+    check("parallelism.context_parallel_ulysses_degree", p.context_parallel_ulysses_degree >= 1, ">= 1")
     check("parallelism.fsdp_prefetch", p.fsdp_prefetch >= 0, ">= 0 (0 leaves prefetching to FSDP2)")
     check("parallelism.heads_k_stride", p.heads_k_stride >= 1, ">= 1")
     check("checkpoint.interval", cfg.checkpoint.interval >= 1, ">= 1")
@@ -331,8 +332,3 @@ def load_config(argv: list[str]) -> JobConfig:
         setattr(getattr(cfg, section), name, value)
     _validate(cfg, source)
     return cfg
-
-
-def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
-    """The config as nested plain dicts ({section: {key: value}}), for logs and checkpoint metadata."""
-    return dataclasses.asdict(cfg)

@@ -188,6 +188,12 @@ class Compile:
 @dataclass
 class Metrics:
     log_freq: int = option(10, "steps between metric records")
+    enable_tensorboard: bool = option(
+        False, "also write TensorBoard events to {job.dump_folder}/tb (needs the tensorboard extra)"
+    )
+    enable_wandb: bool = option(
+        False, "also log to Weights & Biases, project from WANDB_PROJECT (needs the wandb extra)"
+    )
 
 
 @dataclass

@@ -39,9 +39,6 @@ class Batch:
         """(tokens, labels, positions), the argument order of ContextParallel.shard."""
         return self.tokens, self.labels, self.positions
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in self.as_tuple()))
-
 
 class DataLoader:
     """An endless iterator of micro-batches for one dp rank, resumable through its state dict."""
@@ -130,17 +127,13 @@ def build_dataloader(
 
     Micro-batch n of this rank holds global samples (n * dp_world_size + dp_rank) * b + k for
     k < b = training.local_batch_size, so each optimizer step reads the same global_batch_size
-    samples for any split into dp ranks and accumulation steps (module docstring). Raises
+    samples for any split into dp ranks and accumulation steps (module docstring); the trainer has
+    checked that training.global_batch_size is a multiple of local_batch_size x dp. Raises
     UserError for a bad dataset path, file or size.
     """
     b, seq_len = training.local_batch_size, training.seq_len
     if not 0 <= dp_rank < dp_world_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
-    if training.global_batch_size != -1 and training.global_batch_size % (b * dp_world_size):
-        raise UserError(
-            f"training.global_batch_size: {training.global_batch_size} is not a multiple of"
-            f" training.local_batch_size x dp = {b} x {dp_world_size}"
-        )
     samples = build_samples(training.dataset_path, "training.dataset_path", training, tokenizer)
     fingerprint = {
         "dataset": samples.cache.digest,

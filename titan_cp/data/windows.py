@@ -3,7 +3,7 @@
 Window i covers stream tokens [i*S, i*S + S) (S = seq_len) and their labels, the next tokens
 where those are targets: consecutive windows share no input token, and the last label of a
 window is the first token of the next, so no target is lost at a window edge. The shift happens
-here, on the full window, before any cp sharding.
+here, on the full window, before any cp sharding (invariant 2 in docs/architecture.md).
 """
 
 import torch

@@ -103,7 +103,7 @@ def apply_fsdp(
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
     Gradients are summed, not averaged: the loss is already
-    divided by the global token count (DESIGN.md invariant 4), so gradients equal cp=1's.
+    divided by the global token count (invariant 4 in docs/architecture.md), so gradients equal cp=1's.
     `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`).
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
