@@ -153,7 +153,8 @@ def predict(
     blocks = args.n_layers
     step = blocks * (block_matmul + attention + per_token) + output
     ideal = blocks * (block_matmul + ideal_attention / layout.cp + per_token) + output
-    flops = flops_per_token(counts.non_embedding, blocks, args.n_heads, args.head_dim, seq_len).causal
+    non_embedding = args.num_params(exclude_embedding=True)
+    flops = flops_per_token(non_embedding, blocks, args.n_heads, args.head_dim, seq_len).causal
     memory = estimate_memory(
         args, seq_len=seq_len, local_batch_size=1, dp_shard_cp=cluster.gpus, cp=layout.cp, ac_mode=ac,
         param_dtype_bytes=BF16, loss_chunk_size=4096,

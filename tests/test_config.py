@@ -253,6 +253,7 @@ RANGES = [
     ("parallelism.data_parallel_replicate_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "-1", "2"),
+    ("parallelism.context_parallel_ulysses_degree", "0", "1"),
     ("parallelism.data_parallel_shard_degree", "0", "-1"),
     ("parallelism.data_parallel_shard_degree", "-2", "1"),
     ("parallelism.heads_k_stride", "0", "1"),

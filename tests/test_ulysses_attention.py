@@ -133,9 +133,8 @@ def _degrees(cp: int, ulysses: int) -> dict:
     [
         (_degrees(4, 3), 4, None, ["ulysses_degree 3", "divide", "context_parallel_degree 4"]),
         (_degrees(4, 4), 4, 2, ["ulysses_degree 4", "nodes of 2 processes"]),
-        (_degrees(4, 0), 4, None, ["ulysses_degree = 0", ">= 1"]),
     ],
-    ids=["not-dividing-cp", "larger-than-a-node", "zero"],
+    ids=["not-dividing-cp", "larger-than-a-node"],
 )
 def test_bad_ulysses_degrees_get_one_line(kw, world, per_node, words):
     with pytest.raises(UserError) as info:

@@ -282,6 +282,7 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
         "-1 (fill the world size) or >= 1",
     )
     check("parallelism.context_parallel_degree", p.context_parallel_degree >= 1, ">= 1")
+    check("parallelism.context_parallel_ulysses_degree", p.context_parallel_ulysses_degree >= 1, ">= 1")
     check("parallelism.fsdp_prefetch", p.fsdp_prefetch >= 0, ">= 0 (0 leaves prefetching to FSDP2)")
     check("parallelism.heads_k_stride", p.heads_k_stride >= 1, ">= 1")
     check("checkpoint.interval", cfg.checkpoint.interval >= 1, ">= 1")
