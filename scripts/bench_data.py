@@ -18,6 +18,7 @@ With `--loader`, builds the data loader of dp rank 0 of 4 in this process instea
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,22 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 
-
-def trainer_pids(dump_folder: str) -> dict[int, int]:
-    """RANK -> pid of each trainer process (not torchrun) writing to `dump_folder`."""
-    ranks = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"titan_cp.train" not in cmdline or dump_folder.encode() not in cmdline or b"torch.distributed.run" in cmdline:
-            continue
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                ranks[int(entry[5:])] = int(pid)
-    return ranks
+from tests.train_utils import trainer_ranks  # noqa: E402  (finds a run's trainer processes)
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -102,7 +88,7 @@ def main(argv: list[str]) -> None:
             training_starts = time.perf_counter() - start
         if first_step is None and metrics.exists() and metrics.stat().st_size > 0:
             first_step = time.perf_counter() - start
-        for rank, pid in trainer_pids(dump).items():
+        for rank, pid in trainer_ranks(Path(dump)).items():
             try:
                 now = memory_mib(pid)
             except OSError:
@@ -112,6 +98,7 @@ def main(argv: list[str]) -> None:
                 peak[field] = max(peak[field], now.get(field, 0.0))
         time.sleep(0.5)
     log = log_path.read_text()
+    shutil.rmtree(dump)
     result = {
         "command": " ".join(["NGPU=" + os.environ.get("NGPU", "1"), "scripts/run_train.sh", config, *rest]),
         "returncode": launcher.returncode,
