@@ -9,10 +9,8 @@ do), and a Mistral-style one that rejects a system role with raise_exception.
 import json
 from pathlib import Path
 
-import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from titan_cp.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = REPO / "assets/tokenizer/tokenizer.json"
@@ -128,14 +126,3 @@ def hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def one_line_error(fn, *parts: str) -> str:
-    """The UserError `fn` raises: one line, holding every part."""
-    with pytest.raises(UserError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, message
-    return message

@@ -17,9 +17,9 @@ from tests.chat_utils import (
     REASONING_STYLE,
     SHIPPED_TOKENIZER,
     hf_tokenizer,
-    one_line_error,
     tokenizer_folder,
 )
+from tests.errors_utils import one_line_error
 from titan_cp.data.chat_template import compile_template, render
 from titan_cp.data.formats import Encoder, encode_dataset
 from titan_cp.data.tokenizer import Tokenizer

@@ -1,12 +1,16 @@
 """The config loader: precedence, override syntax, typing, every error message, --help and docs."""
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from titan_cp.config import JobConfig, format_help, load_config
-from titan_cp.errors import UserError
+from titan_cp.config.schema import Model
+from titan_cp.context_parallel.kernels import IMPLEMENTATIONS
+
+from tests.errors_utils import config_error, write_toml
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -18,21 +22,6 @@ def all_keys() -> list[tuple[str, str]]:
         for section in dataclasses.fields(JobConfig)
         for f in dataclasses.fields(section.default_factory)
     ]
-
-
-def write_toml(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(text)
-    return str(path)
-
-
-def user_error(argv: list[str]) -> str:
-    """The message of the UserError `argv` raises; it must be a single line."""
-    with pytest.raises(UserError) as info:
-        load_config(argv)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 # --- values, precedence and syntax ---
@@ -85,7 +74,7 @@ def test_bool_parsing(text, value):
 
 @pytest.mark.parametrize("text", ["yes", "1", "0", "on", ""])
 def test_bool_rejects_anything_but_true_false(text):
-    message = user_error(["--checkpoint.enable", text])
+    message = config_error(["--checkpoint.enable", text])
     assert "--checkpoint.enable" in message and "true or false" in message
 
 
@@ -97,12 +86,12 @@ def test_float_parsing(text, value):
 
 @pytest.mark.parametrize("text", ["abc", "nan", "inf", "1e-4x"])
 def test_float_rejects_non_numbers(text):
-    assert user_error(["--optimizer.lr", text]) == f"--optimizer.lr: expected a number, got {text!r}"
+    assert config_error(["--optimizer.lr", text]) == f"--optimizer.lr: expected a number, got {text!r}"
 
 
 @pytest.mark.parametrize("text", ["abc", "5.0", "1e3"])
 def test_int_rejects_non_integers(text):
-    assert user_error(["--training.steps", text]) == f"--training.steps: expected an integer, got {text!r}"
+    assert config_error(["--training.steps", text]) == f"--training.steps: expected an integer, got {text!r}"
 
 
 def test_literal_choice_accepted():
@@ -112,8 +101,14 @@ def test_literal_choice_accepted():
 
 
 def test_literal_choice_rejected_lists_the_choices():
-    message = user_error(["--lr_scheduler.decay_type", "exp"])
+    message = config_error(["--lr_scheduler.decay_type", "exp"])
     assert message == "--lr_scheduler.decay_type: expected one of linear, cosine, sqrt, got 'exp'"
+
+
+def test_attn_implementation_choices_are_the_kernels_that_exist():
+    """The schema's choices (for --help and validation) and the kernel registry must name the same kernels."""
+    choices = typing.get_args(typing.get_type_hints(Model)["attn_implementation"])
+    assert set(choices) == {"auto", *IMPLEMENTATIONS}
 
 
 def test_toml_int_is_accepted_for_a_float(tmp_path):
@@ -139,29 +134,29 @@ def test_toml_typed_values(tmp_path):
 
 def test_missing_config_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.toml")
-    message = user_error(["--job.config_file", missing])
+    message = config_error(["--job.config_file", missing])
     assert missing in message and "not found" in message
 
 
 def test_config_file_that_is_a_folder(tmp_path):
-    assert str(tmp_path) in user_error(["--job.config_file", str(tmp_path)])
+    assert str(tmp_path) in config_error(["--job.config_file", str(tmp_path)])
 
 
 def test_invalid_toml_names_file_and_position(tmp_path):
     path = write_toml(tmp_path, "[training]\nsteps = \n")
-    message = user_error(["--job.config_file", path])
+    message = config_error(["--job.config_file", path])
     assert message.startswith(f"invalid TOML in {path}: ") and "line 2" in message
 
 
 def test_non_utf8_toml(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_bytes(b'[job]\ndescription = "\xff"\n')
-    assert user_error(["--job.config_file", str(path)]).startswith(f"invalid TOML in {path}")
+    assert config_error(["--job.config_file", str(path)]).startswith(f"invalid TOML in {path}")
 
 
 def test_unknown_toml_key_names_key_file_and_valid_keys(tmp_path):
     path = write_toml(tmp_path, "[training]\nstepz = 3\n")
-    message = user_error(["--job.config_file", path])
+    message = config_error(["--job.config_file", path])
     assert message.startswith(f"unknown key 'training.stepz' in {path}; valid keys in [training]: ")
     for _, key in filter(lambda k: k[0] == "training", all_keys()):
         assert key in message
@@ -170,14 +165,14 @@ def test_unknown_toml_key_names_key_file_and_valid_keys(tmp_path):
 
 def test_unknown_toml_section(tmp_path):
     path = write_toml(tmp_path, "[trainin]\nsteps = 3\n")
-    message = user_error(["--job.config_file", path])
+    message = config_error(["--job.config_file", path])
     assert message.startswith(f"unknown section [trainin] in {path}; valid sections: job, model,")
     assert "did you mean 'training'?" in message
 
 
 def test_toml_top_level_value_instead_of_section(tmp_path):
     path = write_toml(tmp_path, "training = 3\n")
-    message = user_error(["--job.config_file", path])
+    message = config_error(["--job.config_file", path])
     assert "'training'" in message and path in message and "[training] table" in message
 
 
@@ -199,38 +194,38 @@ def test_toml_top_level_value_instead_of_section(tmp_path):
 )
 def test_wrong_toml_value_type_names_file_and_key(tmp_path, toml, expected):
     path = write_toml(tmp_path, toml)
-    assert user_error(["--job.config_file", path]) == expected.format(path)
+    assert config_error(["--job.config_file", path]) == expected.format(path)
 
 
 def test_config_file_inside_toml_is_refused(tmp_path):
     path = write_toml(tmp_path, '[job]\nconfig_file = "other.toml"\n')
-    message = user_error(["--job.config_file", path])
+    message = config_error(["--job.config_file", path])
     assert "job.config_file" in message and path in message
 
 
 def test_unknown_override_suggests_closest_key():
-    message = user_error(["--training.stepz", "3"])
+    message = config_error(["--training.stepz", "3"])
     assert message.startswith("unknown option '--training.stepz'; did you mean '--training.steps'?")
 
 
 def test_unknown_override_without_close_match():
-    message = user_error(["--zzz.qqq", "3"])
+    message = config_error(["--zzz.qqq", "3"])
     assert message.startswith("unknown option '--zzz.qqq'") and "did you mean" not in message
 
 
 def test_unknown_override_with_equals_syntax_is_named_without_value():
-    assert user_error(["--training.stepz=3"]).startswith("unknown option '--training.stepz'")
+    assert config_error(["--training.stepz=3"]).startswith("unknown option '--training.stepz'")
 
 
 @pytest.mark.parametrize("argv", [["--training.steps"], ["--training.steps", "--optimizer.lr", "1"]])
 def test_missing_value_after_option(argv):
-    assert user_error(argv) == "--training.steps: missing value; expected an integer"
+    assert config_error(argv) == "--training.steps: missing value; expected an integer"
 
 
 def test_positional_argument_is_an_error():
-    message = user_error(["train.toml"])
+    message = config_error(["train.toml"])
     assert "'train.toml'" in message and "--job.config_file" in message
-    assert "'foo'" in user_error(["--training.steps", "3", "foo"])
+    assert "'foo'" in config_error(["--training.steps", "3", "foo"])
 
 
 # Every range check: a bad value must fail naming the key, the edge value must pass.
@@ -273,14 +268,14 @@ RANGES = [
 
 @pytest.mark.parametrize("key,bad,good", RANGES)
 def test_range_validation(key, bad, good):
-    message = user_error([f"--{key}", bad])
+    message = config_error([f"--{key}", bad])
     assert message.startswith(f"{key} must be ") and f"(from --{key})" in message
     load_config([f"--{key}", good])
 
 
 def test_range_error_names_the_toml_file_it_came_from(tmp_path):
     path = write_toml(tmp_path, "[training]\nsteps = 0\n")
-    assert user_error(["--job.config_file", path]) == f"training.steps must be >= 1, got 0 (from {path})"
+    assert config_error(["--job.config_file", path]) == f"training.steps must be >= 1, got 0 (from {path})"
 
 
 # --- help, docs and dict form ---

@@ -15,7 +15,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from tests.chat_utils import one_line_error
+from tests.errors_utils import one_line_error
+
 from titan_cp.config.schema import Training
 from titan_cp.data import Batch, Tokenizer, build_dataloader
 from titan_cp.data.documents import read_documents

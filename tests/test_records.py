@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, one_line_error, tokenizer_folder
+from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, tokenizer_folder
+from tests.errors_utils import one_line_error
 from titan_cp.data.formats import Encoder, encode_dataset
 from titan_cp.data.records import dataset_files, iter_records
 from titan_cp.data.tokenizer import Tokenizer

@@ -7,9 +7,9 @@ from tests.chat_utils import (
     LLAMA3_STYLE,
     SHIPPED_TOKENIZER,
     hf_tokenizer,
-    one_line_error,
     tokenizer_folder,
 )
+from tests.errors_utils import one_line_error
 from titan_cp.data.tokenizer import Tokenizer
 
 

@@ -8,11 +8,16 @@ calls is in the table, so a new one cannot slip in without its release being loo
 """
 
 import re
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed.fsdp as fsdp
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, packaged separately (a core dependency there)
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
