@@ -41,7 +41,7 @@ def test_float8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(UserError) as info:
         _import_torchao_float8()
-    assert "pip install 'titan_cp[float8]'" in str(info.value) and "\n" not in str(info.value)
+    assert "pip install -e '.[float8]'" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_no_converters_leave_the_model_alone():

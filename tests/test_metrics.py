@@ -99,4 +99,4 @@ def test_missing_optional_package_is_named_in_one_line(tmp_path, capsys, monkeyp
     backends = build_backends(Metrics(**{key: True}), str(tmp_path / "tb"), str(tmp_path), {})
     assert backends == []
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and f"metrics.{key}" in lines[0] and f"titan_cp[{package}]" in lines[0]
+    assert len(lines) == 1 and f"metrics.{key}" in lines[0] and f"pip install -e '.[{package}]'" in lines[0]

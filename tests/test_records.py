@@ -138,4 +138,4 @@ def test_bad_files(tmp_path, monkeypatch) -> None:
     pq.write_table(pa.Table.from_pylist([{"text": "a"}]), good)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    one_line_error(read(good), str(good), "needs pyarrow", "titan_cp[parquet]")
+    one_line_error(read(good), str(good), "needs pyarrow", "pip install -e '.[parquet]'")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from titan_cp.errors import UserError
+from titan_cp.extras import install_hint
 
 _KEY = "model.converters"
 
@@ -29,7 +30,7 @@ def _import_torchao_float8():
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise UserError(
-            f"{_KEY} = float8 needs torchao, which is not installed; pip install 'titan_cp[float8]'"
+            f"{_KEY} = float8 needs torchao, which is not installed; {install_hint('float8')}"
             " or remove float8 from model.converters"
         ) from None
     return Float8LinearConfig, convert_to_float8_training

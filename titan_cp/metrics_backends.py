@@ -9,6 +9,7 @@ import os
 from typing import Any, Protocol
 
 from titan_cp.config.schema import Metrics
+from titan_cp.extras import install_hint
 
 
 class MetricsBackend(Protocol):
@@ -64,7 +65,7 @@ def _installed(key: str, package: str, extra: str) -> bool:
         return True
     print(
         f"{key} is on but the {package} package is not installed; training goes on without it"
-        f" (install it with: pip install 'titan_cp[{extra}]')",
+        f" (install it with: {install_hint(extra)})",
         flush=True,
     )
     return False

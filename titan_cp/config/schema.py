@@ -7,6 +7,8 @@ Key names follow torchtitan v0.2.2 where it has them. Every field carries a one-
 from dataclasses import dataclass, field
 from typing import Literal
 
+from titan_cp.extras import install_hint
+
 # A boolean that may also be left to the device: "auto" decides when the run starts.
 AutoBool = bool | Literal["auto"]
 
@@ -46,7 +48,7 @@ class Model:
         default_factory=list,
         metadata={
             "help": "model rewrites applied before parallelisation: float8 (torchao Float8 linear layers,"
-            " CUDA only, pip install titan_cp[float8]); a TOML array or a comma list on the command line"
+            f" CUDA only, {install_hint('float8')}); a TOML array or a comma list on the command line"
         },
     )
 

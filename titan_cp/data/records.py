@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from titan_cp.errors import UserError
+from titan_cp.extras import install_hint
 
 KEY = "training.dataset_path"
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
@@ -171,7 +172,7 @@ def _pyarrow(file: Path):
         import pyarrow.parquet
     except ImportError:
         raise UserError(
-            f"{KEY}: reading {file} needs pyarrow, which is not installed: pip install 'titan_cp[parquet]'"
+            f"{KEY}: reading {file} needs pyarrow, which is not installed: {install_hint('parquet')}"
         ) from None
     return pyarrow
 
