@@ -106,11 +106,14 @@ def test_activations_scale_with_local_length_and_checkpointing():
 
 
 def test_loss_chunk_bounds_logit_memory():
-    args = llama3_flavors["8B"]
-    chunked = estimate_memory(args, 131072, 1, 8, 2, "full", 2, 4096).loss
-    whole = estimate_memory(args, 131072, 1, 8, 2, "full", 2, 0).loss
-    assert chunked == 4096 * args.vocab_size * (2 + 3 * 4)
-    assert whole == 65536 // 4096 * chunked
+    def loss(seq_len: int, chunk: int) -> int:
+        return estimate_memory(llama3_flavors["8B"], seq_len, 1, 8, 2, "full", 2, chunk).loss
+
+    # Chunked: bounded by the chunk, whatever the sequence; unchunked: grows with the local tokens
+    # (seq_len / cp = 65536 here, 16 chunks of 4096).
+    assert loss(131072, 4096) == loss(262144, 4096) == 2 * loss(131072, 2048)
+    assert loss(262144, 0) == 2 * loss(131072, 0)
+    assert loss(131072, 0) == 16 * loss(131072, 4096)
 
 
 def test_unknown_ac_mode_is_a_user_error():
