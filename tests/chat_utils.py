@@ -11,6 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from titan_cp.data.formats import Encoder
+from titan_cp.data.records import iter_records
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = REPO / "assets/tokenizer/tokenizer.json"
@@ -126,3 +129,8 @@ def hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def encode_file(path, dataset_format: str, tokenizer, train_on_inputs="auto") -> list:
+    """(ids, mask) of every record under `path`, through `Encoder.encode_batch` as the data pipeline encodes."""
+    return Encoder(tokenizer, dataset_format, train_on_inputs).encode_batch(list(iter_records(path)))

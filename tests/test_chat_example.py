@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, LLAMA3_STYLE, REPO, tokenizer_folder
+from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, LLAMA3_STYLE, REPO, encode_file, tokenizer_folder
 from tests.script_utils import load_script
-from titan_cp.data.formats import encode_dataset
 from titan_cp.data.records import iter_records
 from titan_cp.data.tokenizer import Tokenizer
 
@@ -21,7 +20,7 @@ def test_script_reproduces_the_asset(tmp_path) -> None:
 
 def test_every_conversation_has_targets_and_prompts(tmp_path) -> None:
     tok = Tokenizer(tokenizer_folder(tmp_path / "tok", LLAMA3_STYLE))
-    documents = list(encode_dataset(EXAMPLE, "auto", tok))
+    documents = encode_file(EXAMPLE, "auto", tok)
     assert len(documents) == 300
     for ids, mask in documents:
         assert 0 < sum(mask) < len(ids) - 10

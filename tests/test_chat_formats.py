@@ -16,12 +16,13 @@ from tests.chat_utils import (
     NO_SYSTEM_STYLE,
     REASONING_STYLE,
     SHIPPED_TOKENIZER,
+    encode_file,
     hf_tokenizer,
     tokenizer_folder,
 )
 from tests.errors_utils import one_line_error
 from titan_cp.data.chat_template import compile_template, render
-from titan_cp.data.formats import Encoder, encode_dataset
+from titan_cp.data.formats import Encoder
 from titan_cp.data.tokenizer import Tokenizer
 
 # (template, where it is stored, conversations it accepts)
@@ -165,7 +166,7 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
     chat = {"messages": CONVERSATIONS[1]}
 
     def encode(path, fmt="auto", train_on_inputs="auto"):
-        return lambda: list(encode_dataset(path, fmt, tok, train_on_inputs, batch_size=2))
+        return lambda: encode_file(path, fmt, tok, train_on_inputs)
 
     missing = write_jsonl(tmp_path / "missing.jsonl", [chat, {"text": "x"}, {"msgs": []}])
     one_line_error(encode(missing, "alpaca"), missing, "line 1", "format chat in a dataset of format alpaca")
@@ -186,17 +187,16 @@ def test_bad_records_name_file_and_line(tmp_path) -> None:
     rewrites = Tokenizer(tokenizer_folder(tmp_path / "upper", "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"))
     path = write_jsonl(tmp_path / "upper.jsonl", [chat])
     one_line_error(encode_with(rewrites, path), path, "message 2 (assistant)", "train_on_inputs = true")
-    assert list(encode_dataset(path, "chat", rewrites, "true"))  # with every token a target, nothing to locate
+    assert encode_file(path, "chat", rewrites, "true")  # with every token a target, nothing to locate
 
     broken = tokenizer_folder(tmp_path / "broken", "{% for m in messages %}")
     one_line_error(lambda: Encoder(Tokenizer(broken), "chat"), str(broken / "tokenizer_config.json"), "not valid Jinja")
 
 
 def encode_with(tok, path):
-    return lambda: list(encode_dataset(path, "chat", tok))
+    return lambda: encode_file(path, "chat", tok)
 
 
 def test_a_conversation_that_renders_to_nothing_is_an_empty_document(tmp_path) -> None:
     tok = Tokenizer(tokenizer_folder(tmp_path / "f", "{% for m in messages if m['role'] == 'tool' %}x{% endfor %}"))
     assert Encoder(tok, "chat", "true").encode_batch([{"messages": CONVERSATIONS[2]}]) == [([], [])]
-    assert list(encode_dataset(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[2]}]), "chat", tok, "true")) == []

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, tokenizer_folder
+from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, encode_file, tokenizer_folder
 from tests.errors_utils import one_line_error
-from titan_cp.data.formats import Encoder, encode_dataset
+from titan_cp.data.formats import Encoder
 from titan_cp.data.records import dataset_files, iter_records
 from titan_cp.data.tokenizer import Tokenizer
 
@@ -85,7 +85,7 @@ def test_every_file_type_reads_the_same_records_and_documents(tmp_path, fmt) -> 
     for kind, path in write_all(tmp_path / "data", records).items():
         # Table rows carry every column (struct field), with None where a record lacks the key.
         assert without_nones([r.data for r in iter_records(path)]) == without_nones(records), kind
-        assert list(encode_dataset(path, "auto", tok, "auto", batch_size=2)) == expected, kind
+        assert encode_file(path, "auto", tok) == expected, kind
 
 
 def test_records_name_their_file_and_line(tmp_path) -> None:

@@ -5,12 +5,11 @@ The interface the data pipeline builds on:
     encoder = Encoder(tokenizer, dataset_format="auto", train_on_inputs="auto")
     encoder.encode_batch(records) -> [(ids, mask), ...]   # one entry per record, in order
     encoder.fingerprint() -> dict                         # for cache keys
-    encode_dataset(path, dataset_format, tokenizer, train_on_inputs, batch_size) -> iterator of (ids, mask)
 
 `ids` is one whole document (a text's BOS + tokens + EOS, or a conversation exactly as the chat
 template writes it) and `mask` has the same length: `mask[i]` is True iff token i is a target,
 i.e. predicted from `ids[:i]`; `mask[0]` is always False. A record with no tokens gives
-`([], [])` from `encode_batch`, and `encode_dataset` leaves it out. `records` are `Record`s from
+`([], [])` from `encode_batch` (the token cache leaves it out). `records` are `Record`s from
 `titan_cp.data.records` (errors then name the file and line) or plain dicts. An `Encoder` is
 picklable, so worker processes can each hold one.
 
@@ -43,7 +42,7 @@ from typing import Any
 import jinja2
 
 from titan_cp.data.chat_template import TemplateRejected, compile_template, render
-from titan_cp.data.records import Record, iter_records
+from titan_cp.data.records import Record
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.errors import UserError
 
@@ -332,18 +331,3 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
-
-
-def encode_dataset(
-    path: str | Path,
-    dataset_format: str,
-    tokenizer: Tokenizer,
-    train_on_inputs: bool | str | None = "auto",
-    batch_size: int = 1024,
-) -> Iterator[tuple[list[int], list[bool]]]:
-    """(ids, mask) of every non-empty document under `path`, in order, read as a stream."""
-    encoder = Encoder(tokenizer, dataset_format, train_on_inputs)
-    for batch in batched(iter_records(path), batch_size):
-        for ids, mask in encoder.encode_batch(batch):
-            if ids:
-                yield ids, mask
