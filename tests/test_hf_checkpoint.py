@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.cp_model_utils import TINY_ARGS
 from tests.dist_utils import run_distributed
 from tests.hf_utils import save_random_llama
 from tests.script_utils import load_script
@@ -17,6 +18,8 @@ from titan_cp.checkpoint import hf
 from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_model, load_hf_weights
 from titan_cp.errors import UserError
 from titan_cp.models.llama3 import Transformer
+from titan_cp.models.llama3.state_dict_adapter import to_hf_name
+from titan_cp.parallel.parallelize import apply_activation_checkpointing, apply_compile
 
 
 SEQ = 40  # longer than original_max_position_embeddings, so the llama3 rope scaling matters
@@ -58,24 +61,6 @@ def test_load_hf_model_matches_transformers(hf_model):
         logits = model(_tokens())
     assert logits.shape == (2, SEQ, VOCAB) and logits.dtype == torch.float32
     torch.testing.assert_close(logits, _hf_logits(reference), rtol=0, atol=1e-5)
-
-
-def test_load_and_export_see_through_activation_checkpoint_wrappers(hf_model, tmp_path):
-    # The wrapper activation checkpointing uses (torchtitan style); it adds a level to parameter names.
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    folder, reference = hf_model
-    args = hf.load_hf_args(folder)
-    with torch.device("meta"):
-        model = Transformer(args)
-    for name, layer in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(layer)
-    model.to_empty(device="cpu")
-    load_hf_weights(model, folder)
-    with torch.no_grad():
-        torch.testing.assert_close(model(_tokens()), _hf_logits(reference), rtol=0, atol=1e-5)
-    export_hf(model, args, tmp_path / "export")
-    assert load_file(tmp_path / "export" / "model.safetensors").keys() == load_file(folder / "model.safetensors").keys()
 
 
 def test_sharded_checkpoint_with_index_loads(tmp_path):
@@ -295,3 +280,15 @@ def test_convert_hf_to_dcp_and_back(hf_model, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["dcp-to-hf", str(folder), str(tmp_path / "other")]) == 2
     assert "not a DCP checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "full_except_attention"])
+def test_checkpointing_and_compile_keep_the_names_hf_export_maps(mode) -> None:
+    """HF export maps plain parameter names: the trainer's activation checkpointing and compile
+    must not insert a wrapper level (`_checkpoint_wrapped_module.`, `_orig_mod.`) into them."""
+    model = Transformer(TINY_ARGS)
+    plain = list(model.state_dict())
+    apply_activation_checkpointing(model, mode)
+    apply_compile(model)  # compiles lazily, at the first call: nothing is compiled here
+    assert list(model.state_dict()) == plain
+    assert len({to_hf_name(name) for name in plain}) == len(plain)

@@ -38,13 +38,8 @@ _PER_LAYER = {
 _TITAN_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-# Module wrappers that insert a level into parameter names: activation checkpointing, torch.compile.
-_WRAPPER_LEVEL = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
-
-
 def to_hf_name(name: str) -> str:
-    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight` (wrappers ignored)."""
-    name = _WRAPPER_LEVEL.sub("", name)
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
     match = _TITAN_LAYER.fullmatch(name)
