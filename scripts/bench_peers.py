@@ -31,7 +31,7 @@ for path in (str(REPO), str(SCRIPTS)):
         sys.path.insert(0, path)
 
 import bench_torchtitan_peer as torchtitan_peer  # noqa: E402
-from titan_cp.data.documents import read_documents  # noqa: E402
+from titan_cp.data.records import iter_records  # noqa: E402
 from titan_cp.metrics import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
 from titan_cp.models.llama3.args import llama3_flavors  # noqa: E402
 
@@ -91,8 +91,8 @@ def write_dataset(corpus: Path, out: Path) -> Path:
     """The shipped corpus as a jsonl of {"text": document}, for both titan_cp and torchtitan."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for document in read_documents(corpus):
-            f.write(json.dumps({"text": document}) + "\n")
+        for record in iter_records(corpus):
+            f.write(json.dumps({"text": record.data["text"]}) + "\n")
     return out
 
 

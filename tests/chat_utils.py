@@ -134,3 +134,8 @@ def hf_tokenizer(folder: Path):
 def encode_file(path, dataset_format: str, tokenizer, train_on_inputs="auto") -> list:
     """(ids, mask) of every record under `path`, through `Encoder.encode_batch` as the data pipeline encodes."""
     return Encoder(tokenizer, dataset_format, train_on_inputs).encode_batch(list(iter_records(path)))
+
+
+def record_texts(path) -> list[str]:
+    """The `text` of every record under `path`, in the order the data pipeline reads them."""
+    return [record.data["text"] for record in iter_records(path)]

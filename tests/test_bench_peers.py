@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
+from tests.chat_utils import record_texts
 from tests.script_utils import SCRIPTS, load_script
-from titan_cp.data.documents import read_documents
 from titan_cp.metrics import flops_per_token
 from titan_cp.models.llama3.args import RopeScaling, TransformerModelArgs, llama3_flavors
 
@@ -96,7 +96,7 @@ def test_run_logged_times_out_and_keeps_the_output(tmp_path):
 
 def test_dataset_holds_the_corpus_documents(tmp_path):
     path = peers.write_dataset(CORPUS, tmp_path / "corpus.jsonl")
-    assert read_documents(path) == read_documents(CORPUS)
+    assert record_texts(path) == record_texts(CORPUS)
 
 
 def test_rows_and_dry_run(tmp_path, capsys):

@@ -15,11 +15,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from tests.chat_utils import record_texts
 from tests.errors_utils import one_line_error
 
 from titan_cp.config.schema import Training
 from titan_cp.data import Batch, Tokenizer, build_dataloader
-from titan_cp.data.documents import read_documents
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = REPO / "assets/tokenizer/tokenizer.json"
@@ -51,7 +51,7 @@ def take(loader, n: int) -> list[Batch]:
 
 def stream_of(path: Path, tok: Tokenizer) -> torch.Tensor:
     ids: list[int] = []
-    for doc in read_documents(path):
+    for doc in record_texts(path):
         ids += [tok.bos_id, *tok.encode(doc), tok.eos_id]
     return torch.tensor(ids)
 
@@ -108,11 +108,11 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
 def test_txt_documents_split_at_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("A:\nfirst line\nsecond\n\nB:\n  indented\n \t \n\n\nC: last\r\n\r\nD\n")
-    assert read_documents(path) == ["A:\nfirst line\nsecond", "B:\n  indented", "C: last", "D"]
+    assert record_texts(path) == ["A:\nfirst line\nsecond", "B:\n  indented", "C: last", "D"]
 
 
 def test_shipped_corpus_has_many_uneven_documents() -> None:
-    docs = read_documents(REPO / "assets/data/tinyshakespeare.txt")
+    docs = record_texts(REPO / "assets/data/tinyshakespeare.txt")
     lengths = sorted(len(d) for d in docs)
     assert len(docs) > 5000
     assert lengths[-1] > 20 * lengths[len(lengths) // 2]
@@ -124,7 +124,7 @@ def test_folder_reads_txt_and_jsonl_in_sorted_order(tmp_path: Path) -> None:
     (tmp_path / "b" / "x.txt").write_text("three\n\nfour")
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two\\n\\nstill two", "id": 7}\n')
     (tmp_path / "notes.md").write_text("ignored")
-    assert read_documents(tmp_path) == ["one", "two\n\nstill two", "three", "four"]
+    assert record_texts(tmp_path) == ["one", "two\n\nstill two", "three", "four"]
 
 
 def test_bad_dataset_inputs(tmp_path: Path, tok: Tokenizer) -> None:

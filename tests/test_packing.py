@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.chat_utils import record_texts
 from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.data.cache import to_arrays, write_cache
 from titan_cp.data.cache_reader import TokenCache
-from titan_cp.data.documents import read_documents
 from titan_cp.data.packing import PackedSamples, best_fit_decreasing, plan_packing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
 
 def reference_pieces(tok: Tokenizer) -> Counter:
     pieces: Counter = Counter()
-    for text in read_documents(CORPUS):
+    for text in record_texts(CORPUS):
         doc = [tok.bos_id, *tok.encode(text), tok.eos_id]
         labels = doc[1:] + [-100]
         for s in range(0, len(doc), SEQ_LEN):
