@@ -29,7 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 
-from tests.train_utils import trainer_ranks  # noqa: E402  (finds a run's trainer processes)
+
+def trainer_ranks(dump_folder: Path) -> dict[int, int]:
+    """RANK -> pid of every live trainer process (not torchrun) of the run writing to `dump_folder`."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"titan_cp.train" not in cmdline or str(dump_folder).encode() not in cmdline:
+            continue
+        if b"torch.distributed.run" in cmdline:
+            continue
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = int(pid)
+    return ranks
 
 
 def memory_mib(pid: int) -> dict[str, float]:

@@ -6,7 +6,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.script_utils import load_script
+
 REPO = Path(__file__).resolve().parent.parent
+
+# RANK -> pid of a run's live trainer processes; scripts/bench_data.py samples their memory with it.
+trainer_ranks = load_script("bench_data").trainer_ranks
 
 # Small enough for 4 CPU processes on 2 cores; the debug model's shapes otherwise.
 TINY = [
@@ -97,22 +102,3 @@ def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float
             raise AssertionError("training did not start")
         time.sleep(0.5)
     return launcher
-
-
-def trainer_ranks(dump_folder: Path) -> dict[int, int]:
-    """RANK -> pid of every live trainer process (not torchrun) of the run writing to `dump_folder`."""
-    ranks = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"titan_cp.train" not in cmdline or str(dump_folder).encode() not in cmdline:
-            continue
-        if b"torch.distributed.run" in cmdline:
-            continue
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                ranks[int(entry[5:])] = int(pid)
-    return ranks
