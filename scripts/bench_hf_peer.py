@@ -20,7 +20,6 @@ steps. titan_cp on the same shapes (docs/performance.md):
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,7 +27,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from peer_result import report
 from titan_cp.memory import count_params
+from titan_cp.metrics import peak_memory_gib
 from titan_cp.models.llama3.args import llama3_flavors
 
 
@@ -113,7 +114,7 @@ def main(argv=None) -> dict:
     except torch.OutOfMemoryError:
         # Running out of memory is a result here (the peer does not fit), not a crash.
         result["status"] = "OOM"
-        print(f"HF peer {args.flavor} S={args.seq_len} B={args.batch}: out of memory", flush=True)
+        summary = f"HF peer {args.flavor} S={args.seq_len} B={args.batch}: out of memory"
     else:
         step_s = statistics.median(times)
         result.update(
@@ -123,22 +124,17 @@ def main(argv=None) -> dict:
             + (", Liger fused linear cross-entropy)" if args.liger else ")"),
             step_ms=step_s * 1e3,
             tokens_per_s=args.batch * args.seq_len / step_s,
-            peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            peak_memory_gib=peak_memory_gib(device),
             losses=losses,
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             torch=torch.__version__,
             transformers=transformers.__version__,
         )
-        memory = f", peak {result['peak_memory_gib']:.1f} GiB" if device.type == "cuda" else ""
-        print(
+        summary = (
             f"HF peer {args.flavor} ({n_params:,} params) S={args.seq_len} B={args.batch} on {result['device']}: "
-            f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.1f} ms/step{memory}",
-            flush=True,
+            f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.1f} ms/step, peak {result['peak_memory_gib']:.1f} GiB"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return report(result, summary, args.out)
 
 if __name__ == "__main__":
     main()

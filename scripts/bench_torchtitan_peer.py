@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script: import titan_cp from this checkout
 
+from peer_result import report  # noqa: E402
+from titan_cp.metrics import peak_memory_gib  # noqa: E402
 from titan_cp.models.llama3.args import llama3_flavors  # noqa: E402
 
 # torchtitan's activation-checkpointing settings, by the name this script takes.
@@ -217,7 +219,7 @@ def launch(tyro_argv: list[str], flavor: str) -> None:
         def forward_backward_step(self, *args, **kwargs):
             loss = super().forward_backward_step(*args, **kwargs)
             if int(os.environ.get("RANK", "0")) == 0:
-                peak = torch.cuda.max_memory_allocated() / 2**30
+                peak = peak_memory_gib(torch.device("cuda"))
                 print(f"{PEAK_LINE} step {self.step}: {peak:.2f} GiB", flush=True)
             return loss
 
@@ -251,11 +253,7 @@ def main(argv=None) -> dict:
     if returncode is None:
         result["status"] = "timeout"
     tps = f"{result['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in result else "no timed step"
-    print(f"torchtitan {args.flavor} S={args.seq_len} {result['setting']}: {result['status']}, {tps}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return report(result, f"torchtitan {args.flavor} S={args.seq_len} {result['setting']}: {result['status']}, {tps}", args.out)
 
 
 if __name__ == "__main__":
