@@ -2,20 +2,23 @@
 
 Same math with and without parallelism, at the level a user sees it: `./scripts/run_train.sh`
 with FSDP, HSDP, context parallelism (both layouts) and their mix, for the same seed and global
-batch, gives the losses and gradient norms of a single process within 1e-4 relative over 8 steps.
+batch, gives the losses and gradient norms of a single process within 1e-4 relative over 4 steps
+(the loss already falls by 8% there, and every step compares the gradient norm too). Most of a
+run's time is the launch, so each extra run costs far more than extra steps: CPU CI runs the
+layouts of up to 4 ranks; the 8-rank ones need 8 GPUs.
 """
 
 import pytest
 
 from tests.train_utils import assert_close_curves, train_curves
 
-STEPS = ["--training.steps", "8", "--training.local_batch_size", "1", "--training.global_batch_size", "4"]
+STEPS = ["--training.steps", "4", "--training.local_batch_size", "1", "--training.global_batch_size", "4"]
 
 
 @pytest.fixture(scope="module")
 def single_process_curves(tmp_path_factory) -> dict[str, list[float]]:
     curves = train_curves(tmp_path_factory.mktemp("single"), *STEPS)
-    assert len(curves["loss"]) == 8 and curves["loss"][-1] < curves["loss"][0]
+    assert len(curves["loss"]) == 4 and curves["loss"][-1] < curves["loss"][0]
     return curves
 
 
@@ -27,13 +30,15 @@ LAYOUTS = {
     "cp2_contiguous": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_load_balancer", "none"]),
     "cp4": (4, ["--parallelism.context_parallel_degree", "4"]),
     "dp2_cp2": (4, ["--parallelism.context_parallel_degree", "2"]),
-    # The 8-GPU layouts (cp=8; dp2 x cp4) at CPU scale, until an 8-GPU machine runs them.
+    # The 8-GPU layouts: 8 ranks on CI's 2 cores take minutes, and cp4 and dp2_cp2 run the same code.
     "cp8": (8, ["--parallelism.context_parallel_degree", "8"]),
     "dp2_cp4": (8, ["--parallelism.context_parallel_degree", "4"]),
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "layout", [pytest.param(name, marks=pytest.mark.gpu(8)) if ngpu == 8 else name for name, (ngpu, _) in LAYOUTS.items()]
+)
 def test_layout_matches_single_process(layout, single_process_curves, tmp_path):
     ngpu, overrides = LAYOUTS[layout]
     curves = train_curves(tmp_path, *STEPS, *overrides, ngpu=ngpu)
@@ -47,11 +52,12 @@ def test_activation_checkpointing_keeps_the_losses(mode, single_process_curves, 
 
 
 def test_compile_keeps_the_losses(single_process_curves, tmp_path):
-    curves = train_curves(tmp_path, *STEPS, "--compile.enable", "true")
-    assert_close_curves(curves, single_process_curves, rtol=1e-4)
+    # Two steps (the second one after an optimizer update) keep inductor's CPU compile time down.
+    curves = train_curves(tmp_path, *STEPS, "--compile.enable", "true", "--training.steps", "2")
+    assert_close_curves(curves, {key: values[:2] for key, values in single_process_curves.items()}, rtol=1e-4)
 
 
-PACKED = ["--training.steps", "6", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
+PACKED = ["--training.steps", "4", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
           "--training.seq_len", "96", "--training.sample_packing", "true"]  # fmt: skip
 
 
