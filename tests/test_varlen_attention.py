@@ -1,5 +1,6 @@
-"""All-gather K/V varlen attention against an independent reference: causal SDPA run one document
-at a time on the full, unsharded batch (DESIGN.md invariants 1 and 5)."""
+"""Document-masked varlen attention (cp = 1 and all-gather K/V, both packed layouts, every kernel
+of the registry) against an independent reference: causal SDPA run one document at a time on
+the full, unsharded batch (same math with and without cp; documents never attend to each other)."""
 
 import os
 import sys
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
 from titan_cp.context_parallel import varlen_kernels
+from titan_cp.context_parallel.document_sharding import packed_shards
+from titan_cp.context_parallel.kernels import get_kernel
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
 from titan_cp.errors import UserError
 
@@ -66,36 +69,47 @@ def per_document_reference(inputs: dict[str, torch.Tensor], doc_lengths=DOC_LENG
 
 
 def run_shard(
-    inputs: dict, positions: torch.Tensor, group, rank: int, cp: int, stride: int, kernel: str
+    inputs: dict, positions: torch.Tensor, group, rank: int, cp: int, stride: int, kernel: str,
+    layout: str = "zigzag",
 ) -> dict:
-    """This rank's out/dq/dk/dv from varlen_llama3_attention on its contiguous shard."""
-    local = slice(rank * SEQ // cp, (rank + 1) * SEQ // cp)
-    q, k, v = (inputs[n][:, local].clone().requires_grad_() for n in ("q", "k", "v"))
-    out = varlen_llama3_attention(q, k, v, document_cu_seqlens(positions), group, stride, kernel)
-    out.backward(inputs["dout"][:, local])
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    """This rank's out/dq/dk/dv from varlen_llama3_attention, scattered back into full-size
+    tensors (zero where other ranks' tokens are), so that the ranks' results add up to the whole."""
+    shards = packed_shards(document_cu_seqlens(positions).tolist(), *positions.shape, cp, layout)
+    q, k, v = (shards.shard(inputs[n], rank).clone().requires_grad_() for n in ("q", "k", "v"))
+    out = varlen_llama3_attention(q, k, v, shards, group, stride, get_kernel(kernel))
+    out.backward(shards.shard(inputs["dout"], rank))
+    local = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {name: _placed(shards, rank, x) for name, x in local.items()}
+
+
+def _placed(shards, rank: int, x: torch.Tensor) -> torch.Tensor:
+    parts = [x if r == rank else torch.zeros_like(x) for r in range(shards.cp)]
+    return shards.unshard(parts)
 
 
 CP_DEGREES = (2, 3, 4)
 STRIDES = (1, N_KV_HEADS)  # heads_k_stride: one KV head at a time, and all at once
+LAYOUTS = ("zigzag", "contiguous")
 FLASH_ATTN_CP = 3
 
 
 def _all_cases_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
     """Every distributed case in one spawn (spawning dominates the cost): cp = 2, 3, 4 as
-    subgroups of one 4-process world, each with both strides; ring-flash-attn (a test extra) on
-    the repo's CPU stand-in for the flash-attn package at cp = 3."""
+    subgroups of one 4-process world, each with both strides and both packed layouts;
+    ring-flash-attn (a test extra) on the repo's CPU stand-in for the flash-attn package at
+    cp = 3 (contiguous layout, which it needs)."""
     sys.path.insert(0, FAKE_FLASH_ATTN)
     results = {}
     for cp in CP_DEGREES:
         group = dist.new_group(list(range(cp)))  # every rank must take part in creating it
         if rank >= cp:
             continue
-        kernels = ["sdpa_cpu"] + (["flash_attn"] if cp == FLASH_ATTN_CP else [])
-        for kernel in kernels:
+        cases = [("sdpa_cpu", layout) for layout in LAYOUTS]
+        cases += [("flash_attn", "contiguous")] if cp == FLASH_ATTN_CP else []
+        for kernel, layout in cases:
             for stride in STRIDES:
-                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel)
-                results[cp, kernel, stride] = shard
+                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel, layout)
+                results[cp, kernel, layout, stride] = shard
     return results
 
 
@@ -108,15 +122,16 @@ def distributed_results() -> tuple[dict, list[dict]]:
 
 def assert_matches(shards: list[dict], expected: dict) -> None:
     for name, want in expected.items():
-        got = torch.cat([shard[name] for shard in shards], dim=1)
+        got = sum(shard[name] for shard in shards)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stride", STRIDES)
 @pytest.mark.parametrize("cp", CP_DEGREES)
-def test_cp_matches_per_document_attention(distributed_results, cp: int, stride: int) -> None:
+def test_cp_matches_per_document_attention(distributed_results, cp: int, stride: int, layout: str) -> None:
     expected, per_rank = distributed_results
-    assert_matches([per_rank[r][cp, "sdpa_cpu", stride] for r in range(cp)], expected)
+    assert_matches([per_rank[r][cp, "sdpa_cpu", layout, stride] for r in range(cp)], expected)
 
 
 @pytest.mark.parametrize("stride", STRIDES)
@@ -125,7 +140,7 @@ def test_ring_flash_attn_llama3_matches_per_document_attention(
 ) -> None:
     """kernel flash_attn runs ring-flash-attn's llama3 functions (here on the CPU double)."""
     expected, per_rank = distributed_results
-    shards = [per_rank[r][FLASH_ATTN_CP, "flash_attn", stride] for r in range(FLASH_ATTN_CP)]
+    shards = [per_rank[r][FLASH_ATTN_CP, "flash_attn", "contiguous", stride] for r in range(FLASH_ATTN_CP)]
     assert_matches(shards, expected)
 
 
@@ -171,8 +186,8 @@ def test_offset_causal_kernel_matches_suffix_of_full_attention(kernel: str) -> N
         torch.tensor(cu_k, dtype=torch.int32, device=device),
         max(query_lens), max(key_lens), tuple(cu_q), tuple(cu_k),
     )  # fmt: skip
-    out, lse = varlen_kernels.varlen_forward(
-        q_full[suffix].to(device), k.to(device), v.to(device), seg, HEAD_DIM**-0.5, kernel
+    out, lse = get_kernel(kernel).varlen_forward(
+        q_full[suffix].to(device), k.to(device), v.to(device), seg, HEAD_DIM**-0.5
     )
     expected, expected_lse = [], []
     for s, n in zip(starts, key_lens):
@@ -191,9 +206,9 @@ def test_offset_causal_kernel_matches_suffix_of_full_attention(kernel: str) -> N
 def test_heads_k_stride_must_divide_kv_heads() -> None:
     inputs = make_inputs()
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    cu_seqlens = document_cu_seqlens(packed_positions())
+    shards = packed_shards(document_cu_seqlens(packed_positions()).tolist(), 2, SEQ, 1, "zigzag")
     with pytest.raises(UserError, match="parallelism.heads_k_stride"):
-        varlen_llama3_attention(q, k, v, cu_seqlens, None, 3, "sdpa_cpu")
+        varlen_llama3_attention(q, k, v, shards, None, 3, get_kernel("sdpa_cpu"))
 
 
 def test_flash_varlen_op_schemas_unchanged() -> None:
@@ -216,7 +231,7 @@ def test_flash_varlen_op_schemas_unchanged() -> None:
 def assert_close_bf16(shards: list[dict], expected: dict) -> None:
     """bf16 kernels against the fp32 reference on the same (bf16-rounded) inputs."""
     for name, want in expected.items():
-        got = torch.cat([shard[name].float().cpu() for shard in shards], dim=1)
+        got = sum(shard[name].float().cpu() for shard in shards)
         err = (got - want).abs().max() / want.abs().max()
         assert err < 2e-2, f"{name}: max error {err:.3g} of the largest value"
 
