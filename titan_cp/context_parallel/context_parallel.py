@@ -66,7 +66,7 @@ class ContextParallel:
         self.algorithm = self._pick_algorithm(parallelism.ring_attn_func)
         # ring-flash-attn's own all-gather attention shards packed batches contiguously.
         balanced = parallelism.context_parallel_load_balancer == "zigzag" and self.attn_implementation != "flash_attn"
-        if self.algorithm == "local" or not balanced:
+        if self.cp == 1 or not balanced:
             self.layout: Layout = "contiguous"
         else:
             self.layout = "zigzag"
