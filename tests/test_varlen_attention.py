@@ -243,7 +243,8 @@ def bf16_inputs(seed: int) -> dict[str, torch.Tensor]:
 @requires_cuda
 @pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 def test_cuda_cp1_matches_per_document_attention(kernel: str) -> None:
-    inputs = bf16_inputs(seed=4)
+    # Head dim 128 (the Llama one; cuDNN's THD kernels want a multiple of 64 or so, not 8).
+    inputs = {name: x.repeat(1, 1, 1, 16) for name, x in bf16_inputs(seed=4).items()}
     expected = per_document_reference({name: x.float() for name, x in inputs.items()})
     cuda_inputs = {name: x.cuda() for name, x in inputs.items()}
     for stride in STRIDES:
@@ -273,3 +274,70 @@ def test_nccl_cp2_matches_per_document_attention(kernel: str) -> None:
     per_rank = run_distributed(_nccl_worker, 2, inputs, packed_positions(), kernel)
     for stride_index in range(len(STRIDES)):
         assert_close_bf16([results[stride_index] for results in per_rank], expected)
+
+
+# --- the cuDNN THD kernel (nvidia-cudnn-frontend, the [cudnn] extra), on a GPU where it is installed
+
+
+@requires_cuda
+def test_cudnn_kernel_runs_cudnn_thd_where_the_package_is_installed() -> None:
+    """On the GPU machine the [cudnn] extra is installed: packed attention must not fall back."""
+    from titan_cp.context_parallel.cudnn_varlen import cudnn_varlen_available
+
+    assert cudnn_varlen_available()
+    assert get_kernel("cudnn").varlen_name.startswith("cuDNN THD")
+
+
+def _segments(q_lens: list[int], k_lens: list[int], device: str) -> varlen_kernels.VarlenSegments:
+    def cumulative(lengths: list[int]) -> list[int]:
+        return [0] + torch.tensor(lengths).cumsum(0).tolist()
+
+    return varlen_kernels.VarlenSegments.from_bounds(cumulative(q_lens), cumulative(k_lens), device)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@requires_cuda
+@pytest.mark.parametrize("suffix", [False, True], ids=["square", "bottom-right"])
+def test_cudnn_varlen_matches_fa2_varlen(suffix: bool) -> None:
+    """cuDNN THD and FA2 varlen on the same bf16 segments (Llama-like heads of 128): out, lse and
+    gradients agree to bf16 rounding, for whole documents and for query suffixes (cp ranks)."""
+    g = torch.Generator().manual_seed(7)
+    k_lens = [1000, 37, 2048, 513]
+    q_lens = [300, 37, 700, 1] if suffix else k_lens
+    seg = _segments(q_lens, k_lens, "cuda")
+    hq, hkv, d = 8, 2, 128
+
+    def randn(n: int, h: int) -> torch.Tensor:
+        return torch.randn(n, h, d, generator=g).to("cuda", torch.bfloat16)
+
+    q, dout = randn(sum(q_lens), hq), randn(sum(q_lens), hq)
+    k, v = randn(sum(k_lens), hkv), randn(sum(k_lens), hkv)
+    scale = d**-0.5
+    results = {}
+    for name in ("cudnn", "flash"):
+        kernel = get_kernel(name)
+        out, lse = kernel.varlen_forward(q, k, v, seg, scale)
+        grads = kernel.varlen_backward(dout, q, k, v, out, lse, seg, scale)
+        results[name] = (out, lse, *grads)
+    for label, got, want, tol in zip(("out", "lse", "dq", "dk", "dv"), results["cudnn"], results["flash"], (1e-2, 1e-3, 3e-2, 3e-2, 3e-2)):
+        assert got.shape == want.shape, label
+        assert _relative(got, want) < tol, f"{label}: {_relative(got, want):.2e}"
+
+
+def _gloo_on_one_gpu_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
+    """cp = 2 all-gather attention with the cuDNN kernel, both ranks on the one GPU (gloo moves
+    the CUDA tensors): the bottom-right segments, the gather plan and the key-gradient return."""
+    device_inputs = {name: x.cuda() for name, x in inputs.items()}
+    shard = run_shard(device_inputs, positions.cuda(), dist.group.WORLD, rank, world_size, 1, "cudnn")
+    return {name: x.cpu() for name, x in shard.items()}
+
+
+@requires_cuda
+def test_cudnn_cp2_on_one_gpu_matches_per_document_attention() -> None:
+    inputs = {name: x.repeat(1, 1, 1, 16) for name, x in bf16_inputs(seed=6).items()}  # head dim 128
+    expected = per_document_reference({name: x.float() for name, x in inputs.items()})
+    per_rank = run_distributed(_gloo_on_one_gpu_worker, 2, inputs, packed_positions())
+    assert_close_bf16(per_rank, expected)
