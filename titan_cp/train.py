@@ -18,7 +18,7 @@ from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 from titan_cp.memory import check_fits, estimate_memory
-from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
+from titan_cp.metrics import MetricsLogger, flops_per_token, mean_causal_keys, print_rank0
 from titan_cp.models.llama3 import Transformer, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.parallel import (
@@ -122,13 +122,22 @@ class Trainer:
         if self.step == 0 and cfg.checkpoint.initial_load_path:
             self._load_initial_weights(cfg.checkpoint)
         self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
+        # With packing, attention FLOPs count only the pairs within documents (mean over the data).
+        keys_per_token = mean_causal_keys(self.dataloader.samples.positions) if training.sample_packing else None
         self.flops = flops_per_token(
             self.model_args.num_params(exclude_embedding=True),
             self.model_args.n_layers,
             self.model_args.n_heads,
             self.model_args.head_dim,
             training.seq_len,
+            keys_per_token,
         )
+        if keys_per_token is not None:
+            print_rank0(
+                f"flops: packed documents, {keys_per_token:.0f} keys per query on average"
+                f" ({training.seq_len // 2} for causal windows of {training.seq_len})",
+                self.rank,
+            )
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.flops, self.device, is_writer=self.rank == 0)
         self.preemption = PreemptionFlag()
 
