@@ -95,7 +95,8 @@ class Trainer:
         print_rank0(
             f"model llama3 {cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
+            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}{self.cp.packed_kernel_note});"
+            f" device {self.device}",
             self.rank,
         )
 

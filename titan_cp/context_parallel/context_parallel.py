@@ -71,6 +71,11 @@ class ContextParallel:
         else:
             self.layout = "zigzag"
 
+    @property
+    def packed_kernel_note(self) -> str:
+        """', packed: <what runs>' for the startup line when the varlen path runs, else ''."""
+        return f", packed: {self.kernel.varlen_name}" if self.algorithm == "varlen_llama3" else ""
+
     def _pick_algorithm(self, ring_attn_func: str) -> Algorithm:
         if self.sample_packing or ring_attn_func == "varlen_llama3":
             # Packed documents need document masks, which only the varlen path honours; a
