@@ -204,7 +204,7 @@ def test_config_that_is_not_a_llama(hf_model, tmp_path):
     bad = _copy(hf_model[0], tmp_path)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(UserError, match=r"config.json: model_type 'mistral'"):
+    with pytest.raises(UserError, match=r"config.json: field 'model_type' is 'mistral'"):
         load_hf_model(bad)
     with pytest.raises(UserError, match=r"missing; a Hugging Face model folder needs config.json"):
         load_hf_model(tmp_path)

@@ -96,9 +96,14 @@ def test_tied_embeddings_share_storage_after_meta_init():
     assert model(_tokens()).abs().max() < 10  # a tied table initialised as an output projection
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_num_params_counts_the_built_model(tied):
-    args = dataclasses.replace(llama3_flavors["debugmodel"], tie_word_embeddings=tied)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"tie_word_embeddings": True}, {"explicit_head_dim": 48, "attention_bias": True, "mlp_bias": True}],
+    ids=["untied", "tied", "head_dim_and_biases"],
+)
+def test_num_params_counts_the_built_model(extra):
+    args = dataclasses.replace(llama3_flavors["debugmodel"], **extra)
+    tied = args.tie_word_embeddings
     with torch.device("meta"):
         model = Transformer(args)
     assert args.num_params() == sum(p.numel() for p in model.parameters())
@@ -120,7 +125,7 @@ def test_hf_config_round_trip_and_errors():
     back = TransformerModelArgs.from_hf_config(args.to_hf_config())
     assert back.ffn_hidden_dim == args.ffn_hidden_dim and back.rope_scaling == args.rope_scaling
     assert back.to_hf_config() == args.to_hf_config()
-    with pytest.raises(UserError, match="model_type 'mistral'"):
+    with pytest.raises(UserError, match="field 'model_type' is 'mistral'"):
         TransformerModelArgs.from_hf_config({**args.to_hf_config(), "model_type": "mistral"})
     config = args.to_hf_config()
     del config["num_hidden_layers"]

@@ -34,10 +34,15 @@ class TransformerModelArgs:
     rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
     max_seq_len: int = 131072
     tie_word_embeddings: bool = False
+    # Some Hugging Face configs give `head_dim` explicitly, not equal to dim / n_heads; None derives it.
+    explicit_head_dim: int | None = None
+    # Biases on the q/k/v/o projections and on the three MLP projections (HF `attention_bias`, `mlp_bias`).
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim if self.explicit_head_dim is not None else self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -57,7 +62,11 @@ class TransformerModelArgs:
         """
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attention = self.dim * q_out + 2 * self.dim * kv_out + q_out * self.dim
+        if self.attention_bias:
+            attention += q_out + 2 * kv_out + self.dim
         feed_forward = 3 * self.dim * self.ffn_hidden_dim
+        if self.mlp_bias:
+            feed_forward += 2 * self.ffn_hidden_dim + self.dim
         per_layer = attention + feed_forward + 2 * self.dim
         embedding = self.vocab_size * self.dim
         output = self.vocab_size * self.dim
@@ -83,43 +92,55 @@ class TransformerModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "TransformerModelArgs":
-        """Args from a Hugging Face Llama config.json (transformers v4 or v5 spelling)."""
+        """Args from a Hugging Face LlamaForCausalLM config.json (transformers v4 or v5 spelling).
+
+        Accepts what transformers' own Llama runs with titan_cp's math; anything else raises
+        one line naming the field.
+        """
         model_type = config.get("model_type")
+        if model_type != "llama":
+            raise UserError(f"{source}: field 'model_type' is {model_type!r}; titan_cp trains only 'llama' models")
         architectures = config.get("architectures") or ["LlamaForCausalLM"]
-        if model_type != "llama" or "LlamaForCausalLM" not in architectures:
-            raise UserError(
-                f"{source}: model_type {model_type!r} / architectures {architectures} is not a Llama;"
-                " expected model_type 'llama' and LlamaForCausalLM"
-            )
+        if "LlamaForCausalLM" not in architectures:
+            raise UserError(f"{source}: field 'architectures' is {architectures}; expected ['LlamaForCausalLM']")
 
         def required(key: str) -> Any:
-            if key not in config:
+            if config.get(key) is None:
                 raise UserError(f"{source}: missing field {key!r} needed for a Llama model")
             return config[key]
 
-        for key, valid in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if config.get(key, valid) != valid:
-                raise UserError(f"{source}: field {key!r} is {config[key]!r}; titan_cp's Llama supports only {valid!r}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise UserError(f"{source}: field 'hidden_act' is {config['hidden_act']!r}; titan_cp's Llama supports only 'silu'")
+        # titan_cp has no dropout; a non-zero attention_dropout would train a different model.
+        if float(config.get("attention_dropout") or 0.0) != 0.0:
+            raise UserError(f"{source}: field 'attention_dropout' is {config['attention_dropout']!r}; titan_cp supports only 0")
 
         # transformers v5 folds rope_theta and rope_scaling into rope_parameters.
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+        rope = dict(config.get(rope_field) or {})
         rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "llama3":
-            scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            )
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise UserError(f"{source}: field {rope_field!r} of rope type 'llama3' lacks {e.args[0]!r}") from None
         elif rope_type == "default":
             scaling = None
         else:
-            raise UserError(f"{source}: rope type {rope_type!r} is not supported; expected 'llama3' or none")
+            raise UserError(
+                f"{source}: field {rope_field!r} has rope type {rope_type!r}; titan_cp supports 'llama3' or none"
+            )
 
         n_heads = int(required("num_attention_heads"))
         dim = int(required("hidden_size"))
-        args = cls(
+        head_dim = config.get("head_dim")
+        return cls(
             dim=dim,
             n_layers=int(required("num_hidden_layers")),
             n_heads=n_heads,
@@ -131,14 +152,11 @@ class TransformerModelArgs:
             rope_scaling=scaling,
             max_seq_len=int(config.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Kept only when it differs, so args compare equal whichever way a config spells it.
+            explicit_head_dim=None if head_dim is None or int(head_dim) == dim // n_heads else int(head_dim),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
         )
-        head_dim = config.get("head_dim")
-        if head_dim is not None and head_dim != args.head_dim:
-            raise UserError(
-                f"{source}: field 'head_dim' is {head_dim}; titan_cp needs hidden_size / num_attention_heads"
-                f" = {args.head_dim}"
-            )
-        return args
 
     def to_hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A config.json for LlamaForCausalLM, in the spelling Meta's published checkpoints use."""
@@ -146,8 +164,8 @@ class TransformerModelArgs:
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
             "hidden_size": self.dim,
             "intermediate_size": self.ffn_hidden_dim,
             "num_hidden_layers": self.n_layers,

@@ -97,16 +97,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated_half * sin).type_as(x)
 
 
+def init_biases(*linears: nn.Linear) -> None:
+    """Zero the biases that exist (Hugging Face configs with attention_bias or mlp_bias have them)."""
+    for linear in linears:
+        if linear.bias is not None:
+            init_(linear.bias, nn.init.zeros_)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: Hq query heads share Hkv key/value heads (never repeated here)."""
 
     def __init__(self, args: TransformerModelArgs, attention: AttentionFn):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # head_dim may differ from dim / n_heads (an explicit `head_dim` in a Hugging Face config).
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.attention = attention
 
     def forward(
@@ -124,16 +133,17 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv):
             init_(linear.weight, nn.init.trunc_normal_, mean=0.0, std=0.02)
         init_(self.wo.weight, nn.init.trunc_normal_, mean=0.0, std=init_std)
+        init_biases(self.wq, self.wk, self.wv, self.wo)
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -142,6 +152,7 @@ class FeedForward(nn.Module):
         init_(self.w1.weight, nn.init.trunc_normal_, mean=0.0, std=0.02)
         for linear in (self.w2, self.w3):
             init_(linear.weight, nn.init.trunc_normal_, mean=0.0, std=init_std)
+        init_biases(self.w1, self.w2, self.w3)
 
 
 class TransformerBlock(nn.Module):
@@ -150,7 +161,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: TransformerModelArgs, attention: AttentionFn):
         super().__init__()
         self.attention = Attention(args, attention)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, bias=args.mlp_bias)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         # Output projections shrink with depth so the residual stream's variance stays bounded.

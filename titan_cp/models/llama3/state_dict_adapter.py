@@ -8,7 +8,6 @@ import re
 
 import torch
 
-from titan_cp.errors import UserError
 from titan_cp.models.llama3.args import TransformerModelArgs
 
 _TOP_LEVEL = {
@@ -16,21 +15,27 @@ _TOP_LEVEL = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_PER_LAYER = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
+_ATTENTION = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+}
+_MLP = {
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
+_NORMS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-_TOP_LEVEL_FROM_HF = {hf: titan for titan, hf in _TOP_LEVEL.items()}
-_PER_LAYER_FROM_HF = {hf: titan for titan, hf in _PER_LAYER.items()}
+# Biases (attention_bias / mlp_bias) map like their weights.
+_PER_LAYER = {
+    **{f"{titan}.{kind}": f"{hf}.{kind}" for titan, hf in {**_ATTENTION, **_MLP}.items() for kind in ("weight", "bias")},
+    **_NORMS,
+}
 _TITAN_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 # Module wrappers that insert a level into parameter names: activation checkpointing, torch.compile.
@@ -48,21 +53,14 @@ def to_hf_name(name: str) -> str:
     raise KeyError(f"no Hugging Face name for titan_cp tensor {name!r}")
 
 
-def from_hf_name(name: str) -> str | None:
-    """The titan_cp name of a Hugging Face Llama tensor, or None when it has none."""
-    if name in _TOP_LEVEL_FROM_HF:
-        return _TOP_LEVEL_FROM_HF[name]
-    match = _HF_LAYER.fullmatch(name)
-    if match and match.group(2) in _PER_LAYER_FROM_HF:
-        return f"layers.{match.group(1)}.{_PER_LAYER_FROM_HF[match.group(2)]}"
-    return None
-
-
 def expected_hf_names(args: TransformerModelArgs) -> list[str]:
     """Every tensor a Hugging Face checkpoint of these args holds (no lm_head when tied)."""
+    per_layer = [f"{hf}.weight" for hf in {**_ATTENTION, **_MLP}.values()] + list(_NORMS.values())
+    per_layer += [f"{hf}.bias" for hf in _ATTENTION.values()] if args.attention_bias else []
+    per_layer += [f"{hf}.bias" for hf in _MLP.values()] if args.mlp_bias else []
     names = ["model.embed_tokens.weight"]
     for i in range(args.n_layers):
-        names += [f"model.layers.{i}.{suffix}" for suffix in _PER_LAYER.values()]
+        names += [f"model.layers.{i}.{suffix}" for suffix in per_layer]
     names.append("model.norm.weight")
     if not args.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -81,18 +79,3 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: TransformerModelArgs) -> di
         for name, tensor in state_dict.items()
         if not (args.tie_word_embeddings and to_hf_name(name) == "lm_head.weight")
     }
-
-
-def from_hf(state_dict: dict[str, torch.Tensor], args: TransformerModelArgs) -> dict[str, torch.Tensor]:
-    """Hugging Face LlamaForCausalLM state dict -> titan_cp state dict (tied output filled in)."""
-    converted = {}
-    for name, tensor in state_dict.items():
-        if is_ignored_hf_name(name, args):
-            continue
-        titan_name = from_hf_name(name)
-        if titan_name is None:
-            raise UserError(f"unexpected tensor {name!r}: not part of a Llama model")
-        converted[titan_name] = tensor
-    if args.tie_word_embeddings and "tok_embeddings.weight" in converted:
-        converted["output.weight"] = converted["tok_embeddings.weight"]
-    return converted
