@@ -230,10 +230,11 @@ def test_flash_varlen_op_schemas_unchanged() -> None:
 
 def assert_close_bf16(shards: list[dict], expected: dict) -> None:
     """bf16 kernels against the fp32 reference on the same (bf16-rounded) inputs."""
+    errors = {}
     for name, want in expected.items():
         got = sum(shard[name].float().cpu() for shard in shards)
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < 2e-2, f"{name}: max error {err:.3g} of the largest value"
+        errors[name] = ((got - want).abs().max() / want.abs().max()).item()
+    assert max(errors.values()) < 2e-2, f"max errors relative to the largest value: {errors}"
 
 
 def bf16_inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -295,15 +296,24 @@ def _segments(q_lens: list[int], k_lens: list[int], device: str) -> varlen_kerne
     return varlen_kernels.VarlenSegments.from_bounds(cumulative(q_lens), cumulative(k_lens), device)
 
 
+def _head_slice(x: torch.Tensor) -> torch.Tensor:
+    """x's values as the first heads of a tensor with twice the heads (not contiguous)."""
+    sliced = torch.cat([x, torch.zeros_like(x)], dim=1)[:, : x.shape[1]]
+    assert not sliced.is_contiguous() and torch.equal(sliced, x)
+    return sliced
+
+
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
 @requires_cuda
+@pytest.mark.parametrize("sliced", [False, True], ids=["dense", "head-slice"])
 @pytest.mark.parametrize("suffix", [False, True], ids=["square", "bottom-right"])
-def test_cudnn_varlen_matches_fa2_varlen(suffix: bool) -> None:
+def test_cudnn_varlen_matches_fa2_varlen(suffix: bool, sliced: bool) -> None:
     """cuDNN THD and FA2 varlen on the same bf16 segments (Llama-like heads of 128): out, lse and
-    gradients agree to bf16 rounding, for whole documents and for query suffixes (cp ranks)."""
+    gradients agree to bf16 rounding, for whole documents and for query suffixes (cp ranks), and
+    for queries that are one head group's slice of a wider tensor (heads_k_stride groups)."""
     g = torch.Generator().manual_seed(7)
     k_lens = [1000, 37, 2048, 513]
     q_lens = [300, 37, 700, 1] if suffix else k_lens
@@ -314,12 +324,15 @@ def test_cudnn_varlen_matches_fa2_varlen(suffix: bool) -> None:
         return torch.randn(n, h, d, generator=g).to("cuda", torch.bfloat16)
 
     q, dout = randn(sum(q_lens), hq), randn(sum(q_lens), hq)
+    if sliced:  # the first hq heads of tensors twice as wide: token stride 2*hq*d
+        q, dout = (_head_slice(x) for x in (q, dout))
     k, v = randn(sum(k_lens), hkv), randn(sum(k_lens), hkv)
     scale = d**-0.5
     results = {}
     for name in ("cudnn", "flash"):
         kernel = get_kernel(name)
         out, lse = kernel.varlen_forward(q, k, v, seg, scale)
+        out = _head_slice(out) if sliced else out
         grads = kernel.varlen_backward(dout, q, k, v, out, lse, seg, scale)
         results[name] = (out, lse, *grads)
     for label, got, want, tol in zip(("out", "lse", "dq", "dk", "dv"), results["cudnn"], results["flash"], (1e-2, 1e-3, 3e-2, 3e-2, 3e-2)):
@@ -331,13 +344,17 @@ def _gloo_on_one_gpu_worker(rank: int, world_size: int, inputs: dict, positions:
     """cp = 2 all-gather attention with the cuDNN kernel, both ranks on the one GPU (gloo moves
     the CUDA tensors): the bottom-right segments, the gather plan and the key-gradient return."""
     device_inputs = {name: x.cuda() for name, x in inputs.items()}
-    shard = run_shard(device_inputs, positions.cuda(), dist.group.WORLD, rank, world_size, 1, "cudnn")
-    return {name: x.cpu() for name, x in shard.items()}
+    results = {}
+    for stride in STRIDES:
+        shard = run_shard(device_inputs, positions.cuda(), dist.group.WORLD, rank, world_size, stride, "cudnn")
+        results[stride] = {name: x.cpu() for name, x in shard.items()}
+    return results
 
 
 @requires_cuda
-def test_cudnn_cp2_on_one_gpu_matches_per_document_attention() -> None:
+@pytest.mark.parametrize("stride", STRIDES)
+def test_cudnn_cp2_on_one_gpu_matches_per_document_attention(stride: int) -> None:
     inputs = {name: x.repeat(1, 1, 1, 16) for name, x in bf16_inputs(seed=6).items()}  # head dim 128
     expected = per_document_reference({name: x.float() for name, x in inputs.items()})
     per_rank = run_distributed(_gloo_on_one_gpu_worker, 2, inputs, packed_positions())
-    assert_close_bf16(per_rank, expected)
+    assert_close_bf16([results[stride] for results in per_rank], expected)

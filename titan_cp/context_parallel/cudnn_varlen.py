@@ -114,6 +114,10 @@ def cudnn_varlen_backward(
     prepared = _prepare(seg)
     padded = lse.new_zeros(len(seg.q_bounds) - 1, lse.shape[0], prepared.max_q)
     padded[prepared.segment_of_token, :, prepared.position_in_segment] = lse.t()
+    # Dense (T, H, D) operands: with one head group's slice of Q, O and dO (token stride > H·D)
+    # the 1.32 backward returned a wrong dQ on an H200 while out, dK and dV were right
+    # (tests/test_varlen_attention.py, cp = 2 on one GPU). No copy at cp = 1.
+    q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
     return torch.ops.cudnn.sdpa_bwd(
         dout, q, k, v, out, padded.unsqueeze(-1), scale, **_segment_args(seg, prepared)
     )
