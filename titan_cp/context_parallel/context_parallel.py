@@ -64,8 +64,10 @@ class ContextParallel:
         self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
         self.kernel = get_kernel(self.attn_implementation)
         self.algorithm = self._pick_algorithm(parallelism.ring_attn_func)
+        balanced = parallelism.context_parallel_load_balancer == "zigzag"
         # ring-flash-attn's own all-gather attention shards packed batches contiguously.
-        balanced = parallelism.context_parallel_load_balancer == "zigzag" and self.attn_implementation != "flash_attn"
+        if self.algorithm == "varlen_llama3" and self.attn_implementation == "flash_attn":
+            balanced = False
         if self.cp == 1 or not balanced:
             self.layout: Layout = "contiguous"
         else:
