@@ -15,6 +15,9 @@ Rows, for every sequence length S (cp = number of ranks):
 - cudnn_thd: nvidia-cudnn-frontend's own differentiable `cudnn.sdpa_torch` on the same packed
   documents at cp = 1, the raw cuDNN THD rate titan_cp's cudnn varlen rows are measured against
   (their efficiency column); an n/a row where the package is not installed;
+- ulysses, ulysses_varlen: titan_cp's Ulysses all-to-all over all ranks around the local causal
+  kernel (dense) and the local varlen kernel (each packed mix), when the ranks divide the query
+  heads;
 - native_cp: `torch.distributed.tensor.experimental.context_parallel` around
   `F.scaled_dot_product_attention(is_causal=True)`, its head-tail load balancer (the zigzag
   layout), for each rotate method, with SDPA pinned to cuDNN or flash by `sdpa_kernel`.
@@ -53,6 +56,7 @@ from titan_cp.context_parallel.document_sharding import packed_shards
 from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
 from titan_cp.context_parallel.ring_attention import ring_attention
 from titan_cp.context_parallel.sharding import shard, unshard
+from titan_cp.context_parallel.ulysses import ulysses_attention
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
 
 FLOPS_FORMULA = (
@@ -177,7 +181,7 @@ PACKED_MIXES: dict[str, Callable[[int, int, torch.Generator], list[int]]] = {
     "mixed": lambda seq_len, doc_len, gen: _fill(seq_len, lambda: int(torch.randint(256, 16385, (1,), generator=gen))),
     "long": lambda seq_len, doc_len, gen: [seq_len],
 }
-METHODS = ["single", "batch_ring", "varlen_llama3", "cudnn_thd", "native_cp"]
+METHODS = ["single", "batch_ring", "varlen_llama3", "cudnn_thd", "ulysses", "native_cp"]
 
 
 def with_documents(inputs: Inputs, doc_lengths: list[list[int]]) -> Inputs:
@@ -388,6 +392,48 @@ def cudnn_thd_method(inputs: Inputs, device: torch.device) -> Method:
         return out.view(shape), dq.view(shape), dk.view(inputs.k.shape), dv.view(inputs.k.shape)
 
     return Method(unflattened, "contiguous", ["cudnn.sdpa_torch, causal top-left"])
+
+
+def ulysses_method(inputs: Inputs, kernel_name: str, rank: int, world: int, device: torch.device, packed: bool, stride: int) -> Method:
+    """Pure Ulysses over all ranks (contiguous shards): the local kernel on whole sequences, or the
+    local varlen kernel on whole documents, for 1/world of the heads."""
+    resolve_attn_implementation(kernel_name, device)
+    kernel = get_kernel(kernel_name)
+    batch, seq_len = inputs.positions.shape
+    whole = packed_shards(document_cu_seqlens(inputs.positions).tolist(), batch, seq_len, 1, "contiguous")
+    q, k, v, dout = (shard(t, rank, world, "contiguous") for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    q, k, v = _leaves(q, k, v)
+
+    def inner(q, k, v):
+        if packed:
+            return varlen_llama3_attention(q, k, v, whole, None, stride, kernel)
+        return local_attention(q, k, v, kernel)
+
+    def attend(q, k, v):
+        return ulysses_attention(q, k, v, dist.group.WORLD, inner)
+
+    return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous")
+
+
+def ulysses_plan(dense: Inputs, packed: dict[str, Inputs], kernels: list[str], rank: int, world: int,
+                 device: torch.device, args: argparse.Namespace, reference: Callable, flops: dict) -> list:
+    """The Ulysses rows of one sequence length: dense and each packed mix, with each kernel."""
+    if world == 1 or args.heads % world:
+        return []
+    seq_len = dense.q.shape[1]
+    flops[("ulysses", seq_len, "")] = flops[("single", seq_len, "")]
+    sources = [("ulysses", "", dense)] + [("ulysses_varlen", mix, source) for mix, source in packed.items()]
+    plan = []
+    for method, mix, source in sources:
+        if mix:
+            flops[(method, seq_len, mix)] = flops[("varlen_llama3", seq_len, mix)]
+        for kernel in kernels:
+            plan.append((
+                Row(method, kernel, seq_len, world, mix),
+                lambda k=kernel, p=bool(mix), i=source: ulysses_method(i, k, rank, world, device, p, args.heads_k_stride),
+                reference(mix or "dense", source),
+            ))  # fmt: skip
+    return plan
 
 
 def native_needs_cuda() -> Method:
@@ -603,6 +649,8 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                             lambda k=kernel, c=cp, s=source: varlen_method(s, k, rank if c > 1 else 0, c, device, args.heads_k_stride),
                             reference(mix, source),
                         ))  # fmt: skip
+        if "ulysses" in args.methods:
+            plan += ulysses_plan(dense, packed, kernels, rank, world, device, args, reference, flops)
         if "native_cp" in args.methods:
             for rotate in args.native_rotate:
                 # Native CP runs SDPA's own backends only: flash_attn has no row there.

@@ -11,6 +11,7 @@ turns. The output is deterministic: running the script again gives the same file
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,17 +21,35 @@ SYSTEM_PROMPTS = [
     "Answer briefly.",
 ]
 MAX_LINE_CHARS = 90
+SMALL_WORDS = {"of", "the", "and", "to"}
+CHORUS = {"ALL", "BOTH"}  # headings that name no single speaker
+
+
+def speaker_name(heading: str) -> str:
+    """'KING EDWARD IV' -> 'King Edward IV', 'DUKE OF YORK' -> 'Duke of York'."""
+    words = []
+    for n, word in enumerate(heading.split()):
+        if re.fullmatch(r"[IVX]+", word):
+            words.append(word)
+        elif n and word.lower() in SMALL_WORDS:
+            words.append(word.lower())
+        else:
+            words.append(word.capitalize())
+    return " ".join(words)
 
 
 def speeches(corpus: Path) -> list[tuple[str, list[str]]]:
-    """(speaker, lines) of every speech: blocks between blank lines whose first line is 'NAME:'."""
+    """(speaker, lines) of every speech: blocks between blank lines whose first line is 'NAME:'.
+
+    Lines longer than MAX_LINE_CHARS are left out, to keep the conversations short.
+    """
     out = []
     for block in corpus.read_text(encoding="utf-8").split("\n\n"):
         lines = [line.strip() for line in block.strip().split("\n") if line.strip()]
-        if len(lines) >= 2 and lines[0].endswith(":"):
+        if len(lines) >= 2 and lines[0].endswith(":") and lines[0][:-1].upper() not in CHORUS:
             body = [line for line in lines[1:] if len(line) <= MAX_LINE_CHARS]
             if body:
-                out.append((lines[0][:-1].title(), body))
+                out.append((speaker_name(lines[0][:-1]), body))
     return out
 
 

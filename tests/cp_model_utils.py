@@ -50,9 +50,14 @@ class Case:
     # Negative control: shard the positions in the other layout than the tokens. The result
     # must then differ from cp = 1, or the comparison could not notice a layout mistake.
     wrong_position_layout: bool = False
+    ulysses: int = 1  # parallelism.context_parallel_ulysses_degree
 
     def parallelism(self, cp: int) -> Parallelism:
-        return Parallelism(context_parallel_degree=cp, context_parallel_load_balancer=self.load_balancer)
+        return Parallelism(
+            context_parallel_degree=cp,
+            context_parallel_load_balancer=self.load_balancer,
+            context_parallel_ulysses_degree=self.ulysses,
+        )
 
     def training(self) -> Training:
         return Training(

@@ -17,6 +17,7 @@ SCRIPT = ROOT / "scripts" / "bench_attention.py"
 TINY = ["--device", "cpu", "--dtype", "float32", "--seqlens", "64", "--heads", "4", "--kv-heads", "2",
         "--head-dim", "16", "--iters", "2", "--warmup", "1", "--rounds", "2", "--doc-len", "24",
         "--packed-mixes", "uniform", "mixed", "long"]  # fmt: skip
+MIXES = ("uniform", "mixed", "long")
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,18 @@ def test_table_has_every_row(two_rank_run):
         ("single", "sdpa_cpu", 64, 1, ""),
         ("single", "sdpa_cpu", 32, 1, ""),
         ("batch_ring", "sdpa_cpu", 64, 2, ""),
+        ("ulysses", "sdpa_cpu", 64, 2, ""),
         ("native_cp/allgather", "sdpa_cpu", 64, 2, ""),
         ("native_cp/alltoall", "sdpa_cpu", 64, 2, ""),
-    } | {("varlen_llama3", "sdpa_cpu", 64, cp, mix) for cp in (1, 2) for mix in ("uniform", "mixed", "long")}
+    } | {("varlen_llama3", "sdpa_cpu", 64, cp, mix) for cp in (1, 2) for mix in MIXES} | {
+        ("ulysses_varlen", "sdpa_cpu", 64, 2, mix) for mix in MIXES
+    }
 
 
 def test_titan_cp_rows_are_checked_and_timed(two_rank_run):
     _, result = two_rank_run
     for row in result["rows"]:
-        if row["method"] in ("batch_ring", "varlen_llama3"):
+        if row["method"] in ("batch_ring", "varlen_llama3", "ulysses", "ulysses_varlen"):
             assert row["status"] == "ok", row
             assert row["check"].startswith("ok "), row
             assert float(row["check"].split()[1]) < 1e-4

@@ -1,9 +1,11 @@
-"""The shipped chat example: reproducible from its script, and every conversation has targets."""
+"""The shipped chat example (reproducible, every conversation has targets) and scripts/show_targets.py."""
 
+import json
 import subprocess
 import sys
 
-from tests.chat_utils import LLAMA3_STYLE, REPO, tokenizer_folder
+from tests.chat_utils import CHATML_STYLE, CONVERSATIONS, LLAMA3_STYLE, REPO, tokenizer_folder
+from tests.script_utils import load_script
 from titan_cp.data.formats import encode_dataset
 from titan_cp.data.records import iter_records
 from titan_cp.data.tokenizer import Tokenizer
@@ -26,3 +28,14 @@ def test_every_conversation_has_targets_and_prompts(tmp_path) -> None:
     conversations = [r.data["messages"] for r in iter_records(EXAMPLE)]
     assert sum(m[0]["role"] == "system" for m in conversations) >= 50
     assert sum([x["role"] for x in m].count("assistant") >= 2 for m in conversations) >= 50
+
+
+def test_show_targets_marks_the_answers(tmp_path) -> None:
+    folder = tokenizer_folder(tmp_path / "tok", CHATML_STYLE)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    shown = load_script("show_targets").show(str(data), str(folder), 1, "auto", "auto")
+    header, text = shown.split("\n", 1)
+    assert header.startswith(f"== {data} line 1 (chat): ") and header.endswith(" targets")
+    assert text.count("[[") == 3
+    assert "\n[[hello<|im_end|>]]\n" in text and "<|im_start|>user\nThanks<|im_end|>\n" in text

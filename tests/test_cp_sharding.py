@@ -10,10 +10,8 @@ from titan_cp.config.schema import Parallelism
 from titan_cp.context_parallel import ContextParallel, shard, unshard, validate_seq_len
 from titan_cp.context_parallel.document_sharding import attention_work, packed_shards, work_imbalance
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens
-from titan_cp.data.corpus import tokenize_corpus
-from titan_cp.data.documents import read_documents
-from titan_cp.data.packing import PackedSamples
-from titan_cp.data.tokenizer import Tokenizer
+from titan_cp.config.schema import Training
+from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 
 
@@ -136,10 +134,9 @@ def _boundaries(doc_lengths: list[int]) -> list[int]:
 
 def _shipped_corpus_windows(count: int = 6, seq_len: int = 8192) -> list[list[int]]:
     """Document boundaries of the first packed windows of the shipped corpus, as the loader packs them."""
-    tokenizer = Tokenizer("assets/tokenizer/tokenizer.json")
-    corpus = tokenize_corpus(read_documents("assets/data/tinyshakespeare.txt"), tokenizer)
-    samples = PackedSamples(corpus, seq_len, tokenizer.pad_id)
-    return [document_cu_seqlens(samples.positions[i : i + 1]).tolist() for i in range(count)]
+    training = Training(seq_len=seq_len, sample_packing=True, local_batch_size=1)
+    samples = build_dataloader(training, Tokenizer("assets/tokenizer/tokenizer.json"), 0, 1, seed=0).samples
+    return [document_cu_seqlens(samples[i][2].view(1, -1)).tolist() for i in range(count)]
 
 
 def _long_document_mix(seq_len: int, seed: int) -> list[int]:

@@ -6,11 +6,13 @@ Every part is handed only the config section it needs.
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_weights
+from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
+from titan_cp.checkpoint.hf_serving import serving_files
 from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
@@ -29,6 +31,9 @@ from titan_cp.parallel import (
     pick_device,
     set_collective_timeout,
 )
+
+
+DEFAULT_TOKENIZER = "assets/tokenizer/tokenizer.json"
 
 
 def set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -84,7 +89,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.init_distributed()
-        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
+        self.tokenizer = self.build_tokenizer()
         self.model_args = self.build_model_args()
         self.cp = self.build_context_parallel()
         self.check_memory()
@@ -106,29 +111,58 @@ class Trainer:
         cfg = self.cfg
         self.device = pick_device()
         self.rank, self.world_size = init_distributed(self.device, cfg.comm.init_timeout_seconds)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.dims = ParallelDims.from_config(
+            cfg.parallelism, self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        )
         self.meshes = self.dims.build_meshes(self.device.type)
         set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
         self.grad_accum_steps = self._grad_accum_steps(cfg.training)
 
+    def build_tokenizer(self) -> Tokenizer:
+        """model.tokenizer_path, else the model.hf_assets_path folder, else the shipped tokenizer."""
+        model = self.cfg.model
+        if model.tokenizer_path:
+            return Tokenizer(model.tokenizer_path)
+        if not model.hf_assets_path:
+            return Tokenizer(DEFAULT_TOKENIZER)
+        if not Path(model.hf_assets_path).is_dir():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: not a folder; expected a Hugging Face model"
+                " folder with config.json and tokenizer files"
+            )
+        if not (Path(model.hf_assets_path) / "tokenizer.json").is_file():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: no tokenizer.json in the folder; set"
+                " model.tokenizer_path to a tokenizer.json file or a Hugging Face tokenizer folder"
+            )
+        return Tokenizer(model.hf_assets_path)
+
     def build_model_args(self) -> TransformerModelArgs:
-        flavor = self.cfg.model.flavor
-        if flavor not in llama3_flavors:
-            raise UserError(f"model.flavor '{flavor}' is not known; valid: {', '.join(llama3_flavors)}")
-        args = llama3_flavors[flavor]
+        """The shape from model.hf_assets_path's config.json, else from model.flavor."""
+        model = self.cfg.model
+        if model.hf_assets_path:
+            args = load_hf_args(model.hf_assets_path)
+        elif model.flavor not in llama3_flavors:
+            raise UserError(f"model.flavor '{model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
+        else:
+            args = llama3_flavors[model.flavor]
         if self.tokenizer.vocab_size > args.vocab_size:
             raise UserError(
-                f"tokenizer {self.cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} tokens but model"
-                f" flavor {flavor} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
+                f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but model"
+                f" {self._model_source()} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
             )
         return args
+
+    def _model_source(self) -> str:
+        hf_assets_path = self.cfg.model.hf_assets_path
+        return f"(shape from {Path(hf_assets_path) / 'config.json'})" if hf_assets_path else self.cfg.model.flavor
 
     def build_context_parallel(self) -> ContextParallel:
         cfg = self.cfg
         cp = ContextParallel(
             self.meshes.cp, cfg.parallelism, cfg.model.attn_implementation, cfg.training.sample_packing, self.device
         )
-        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads)
+        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads, self.model_args.n_heads)
         return cp
 
     def check_memory(self) -> None:
@@ -172,10 +206,9 @@ class Trainer:
     def print_model_summary(self) -> None:
         n_params = self.model_args.num_params(exclude_embedding=False)
         print_rank0(
-            f"model llama3 {self.cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
+            f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}{self.cp.packed_kernel_note});"
-            f" device {self.device}",
+            f" attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 
@@ -303,7 +336,9 @@ class Trainer:
             self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
-            export_hf(self.model, self.model_args, out_dir)
+            serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
+            dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.cfg.checkpoint.export_dtype]
+            export_hf(self.model, self.model_args, out_dir, dtype=dtype, serving=serving)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
 
 
@@ -321,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         Trainer(cfg).train()
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+        # One rank per node: each node's launcher then reports the line and exits non-zero.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             if error_file:
                 with open(error_file, "w") as f:
                     f.write(f"error: {error}\n")

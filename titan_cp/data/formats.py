@@ -168,7 +168,7 @@ class Encoder:
             other = detect_format(data)
             if other is not None and other != self.format:
                 raise UserError(
-                    f"training.dataset_path: {record.where} is a {other} record in a {self.format} dataset"
+                    f"training.dataset_path: {record.where} is a record of format {other} in a dataset of format {self.format}"
                     f" ({self._decided_at}); a dataset holds one format"
                 )
             found = "missing" if key not in data else f"a {type(value).__name__}"
