@@ -6,11 +6,10 @@ import random
 import pytest
 import torch
 
-from titan_cp.config.schema import Parallelism
+from titan_cp.config.schema import Parallelism, Training
 from titan_cp.context_parallel import ContextParallel, shard, unshard, validate_seq_len
 from titan_cp.context_parallel.document_sharding import attention_work, packed_shards, work_imbalance
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens
-from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 

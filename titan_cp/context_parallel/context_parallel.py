@@ -145,23 +145,24 @@ class ContextParallel:
             cu_seqlens = document_cu_seqlens(positions)
             shards = packed_shards(cu_seqlens.tolist(), *tokens.shape, self.ring, self.layout)
             context = AttentionContext(self.layout, cu_seqlens, shards)
-            parts = (self._ulysses_part(shards.shard(x, self.ring_rank)) for x in (tokens, labels, positions))
-            return (*parts, context)
-        context = AttentionContext(layout=self.layout)
-        if self.cp == 1:
-            return tokens, labels, positions, context
-        parts = (self.shard_sequence(x) for x in (tokens, labels, positions))
+        else:
+            context = AttentionContext(layout=self.layout)
+            if self.cp == 1:
+                return tokens, labels, positions, context
+        parts = (self.shard_sequence(x, context) for x in (tokens, labels, positions))
         return (*parts, context)
 
-    def shard_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full `[B, S, ...]` tensor along dim 1.
+    def shard_sequence(self, x: torch.Tensor, context: AttentionContext | None = None) -> torch.Tensor:
+        """This rank's part of a full `[B, S, ...]` tensor along dim 1, in the layout of the batch
+        `context` was made for (packed batches have their own layout, `context.shards`).
 
         With Ulysses: the ring rank's shard in the layout, then this rank's contiguous part of it,
         so that the all-to-all puts the ring shard back together in order.
         """
-        return self._ulysses_part(shard(x, self.ring_rank, self.ring, self.layout))
-
-    def _ulysses_part(self, x: torch.Tensor) -> torch.Tensor:
+        if context is not None and context.shards is not None:
+            x = context.shards.shard(x, self.ring_rank)
+        else:
+            x = shard(x, self.ring_rank, self.ring, self.layout)
         return shard(x, self.ulysses_rank, self.ulysses, "contiguous") if self.ulysses > 1 else x
 
     def attention(
