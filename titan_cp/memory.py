@@ -29,7 +29,7 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts of a Llama 3 model, derived from its args without building it."""
+    """Parameter counts of a Llama 3 model by where they live: the blocks, and the root's ends."""
 
     per_block: int
     embedding: int
@@ -41,25 +41,18 @@ class ParamCounts:
     def total(self) -> int:
         return self.n_layers * self.per_block + self.embedding + self.output + self.final_norm
 
-    @property
-    def non_embedding(self) -> int:
-        """Parameters that cost 6 FLOPs per token: everything but the embedding lookup table."""
-        return self.total - self.embedding
-
 
 def count_params(model_args) -> ParamCounts:
-    """Count parameters: wq/wk/wv/wo, w1/w2/w3 and two RMSNorm weights per block, plus the ends."""
-    dim, head_dim = model_args.dim, model_args.head_dim
-    q_width = model_args.n_heads * head_dim
-    kv_width = model_args.n_kv_heads * head_dim
-    attention = dim * q_width + 2 * dim * kv_width + q_width * dim
-    feed_forward = 3 * dim * model_args.ffn_hidden_dim
-    embedding = model_args.vocab_size * dim
+    """Split `model_args.num_params()` (the one parameter count) into the blocks and the ends."""
+    embedding = model_args.vocab_size * model_args.dim
+    output = 0 if model_args.tie_word_embeddings else embedding
+    final_norm = model_args.dim
+    blocks = model_args.num_params() - embedding - output - final_norm
     return ParamCounts(
-        per_block=attention + feed_forward + 2 * dim,
+        per_block=blocks // model_args.n_layers,
         embedding=embedding,
-        output=0 if model_args.tie_word_embeddings else embedding,
-        final_norm=dim,
+        output=output,
+        final_norm=final_norm,
         n_layers=model_args.n_layers,
     )
 
@@ -125,7 +118,8 @@ def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int,
 
     Matches titan_cp.parallel.parallelize.checkpoint_block: selective checkpoints the two norms
     and the feed-forward (each keeps only its input, and a norm's output is kept by its
-    consumer), full the whole block (only its input is kept).
+    consumer), full the whole block (only its input is kept), full_except_attention the whole
+    block but attention's output and fp32 LSE, which it keeps besides the input.
     """
     halves = _block_bytes_per_token(model_args, act_bytes)
     whole = halves["attention_half"] + halves["swiglu_half"]
@@ -138,7 +132,12 @@ def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int,
         return kept, halves["swiglu_half"] + norm
     if ac_mode == "full":
         return model_args.dim * act_bytes, whole
-    raise UserError(f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full")
+    if ac_mode == "full_except_attention":
+        attention = model_args.n_heads * (model_args.head_dim * act_bytes + FP32)
+        return model_args.dim * act_bytes + attention, whole - attention
+    raise UserError(
+        f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective, full or full_except_attention"
+    )
 
 
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:

@@ -10,7 +10,7 @@ an `attention(q, k, v, attention_context)` entry point:
   are found from the positions (a document starts where the position is 0); the tokens are
   sharded zigzag within each document (document_sharding.py), or contiguously with
   context_parallel_load_balancer = none and for ring-flash-attn.
-The batch ring is not document-aware, so it refuses packed batches (docs/packing.md).
+The batch ring is not document-aware, so it refuses packed batches (invariant 5 in docs/architecture.md; docs/packing.md).
 With parallelism.context_parallel_ulysses_degree = u > 1 the cp mesh is (cp_ring, ulysses): the
 Ulysses all-to-all (ulysses.py) wraps whichever of the above runs over the cp / u ring ranks.
 """
@@ -110,7 +110,7 @@ class ContextParallel:
                 "parallelism.ring_attn_func = batch_ring cannot mask packed documents"
                 " (training.sample_packing = true); use auto or varlen_llama3"
             )
-        if self.heads_k_stride < 1 or n_kv_heads % self.heads_k_stride != 0:
+        if n_kv_heads % self.heads_k_stride != 0:
             raise UserError(
                 f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
                 f" {n_kv_heads} KV heads" + (" per Ulysses rank" if self.ulysses > 1 else "")

@@ -28,7 +28,6 @@ from titan_cp.context_parallel.document_sharding import PackedShards
 from titan_cp.context_parallel.kernels import AttentionKernel
 from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attn_module
 from titan_cp.context_parallel.varlen_kernels import VarlenSegments
-from titan_cp.errors import UserError
 
 # torch 2.13 renamed the tensor-in/tensor-out all-gather (`all_gather_single`); older releases
 # (the GPU machines run 2.11) only have the `*_tensor` name. Same semantics.
@@ -61,12 +60,13 @@ def varlen_llama3_attention(
 ) -> Tensor:
     """Document-masked causal attention of this rank's shard of a packed batch.
 
+    `heads_k_stride` must divide the KV heads: `ContextParallel.validate` checks it once, before
+    training (the config checks that it is >= 1).
+
     q `[B, L, Hq, D]`, k/v `[B, L, Hkv, D]`: this rank's tokens in `shards`' local order;
     cp_group None means cp = 1. Returns `[B, L, Hq, D]` in q's dtype.
     """
     n_kv = k.shape[2]
-    if heads_k_stride < 1 or n_kv % heads_k_stride:
-        raise UserError(f"parallelism.heads_k_stride = {heads_k_stride} must divide the {n_kv} KV heads")
     if q.shape[2] % n_kv:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {n_kv} KV heads")
     cp, rank = (1, 0) if cp_group is None else (dist.get_world_size(cp_group), dist.get_rank(cp_group))

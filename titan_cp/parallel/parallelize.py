@@ -14,12 +14,17 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from titan_cp.parallel.parallel_dims import ParallelDims
+from titan_cp.parallel.save_attention import checkpoint_except_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def checkpoint_module(module: nn.Module) -> None:
-    """Recompute `module`'s forward in backward, keeping its parameter names.
+def _checkpoint(fn, *args, **kwargs):
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_module(module: nn.Module, checkpoint_fn=_checkpoint) -> None:
+    """Recompute `module`'s forward in backward through `checkpoint_fn`, keeping its parameter names.
 
     Wrapping the instance's forward (rather than the module) keeps state-dict keys identical
     with and without checkpointing, so checkpoints and HF export do not depend on the mode.
@@ -28,13 +33,14 @@ def checkpoint_module(module: nn.Module) -> None:
 
     @wraps(inner)
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint_fn(inner, *args, **kwargs)
 
     module.forward = forward
 
 
 def checkpoint_block(block: nn.Module, mode: str) -> None:
-    """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward.
+    """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward;
+    `full_except_attention` recomputes the whole block but the attention kernel (save_attention.py).
 
     Selective keeps what attention saves (q, k, v, its output and LSE), so backward never
     repeats the attention kernel or its context-parallel communication, the costliest part of
@@ -43,6 +49,8 @@ def checkpoint_block(block: nn.Module, mode: str) -> None:
     """
     if mode == "full":
         checkpoint_module(block)
+    elif mode == "full_except_attention":
+        checkpoint_module(block, checkpoint_except_attention)
     elif mode == "selective":
         for module in (block.attention_norm, block.ffn_norm, block.feed_forward):
             checkpoint_module(module)
@@ -51,6 +59,12 @@ def checkpoint_block(block: nn.Module, mode: str) -> None:
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     for block in model.layers.values():
         checkpoint_block(block, mode)
+
+
+def compile_enabled(enable: bool | str, device: torch.device) -> bool:
+    """compile.enable: `auto` compiles on CUDA (fused norms, RoPE and SwiGLU) and not on CPU,
+    where compiling costs more time than the short test runs it would speed up."""
+    return device.type == "cuda" if enable == "auto" else bool(enable)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -89,7 +103,7 @@ def apply_fsdp(
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
     Gradients are summed, not averaged: the loss is already
-    divided by the global token count (DESIGN.md invariant 4), so gradients equal cp=1's.
+    divided by the global token count (invariant 4 in docs/architecture.md), so gradients equal cp=1's.
     `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`).
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -123,7 +137,7 @@ def parallelize_llama(
     compile,
 ) -> None:
     apply_activation_checkpointing(model, activation_checkpoint.mode)
-    if compile.enable:
+    if compile_enabled(compile.enable, device):
         apply_compile(model)
     if parallel_dims.uses_fsdp or device.type == "cuda":
         # CPU runs stay fp32 (no fast bf16 kernels there); on GPU FSDP also applies the
