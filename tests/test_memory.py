@@ -92,7 +92,7 @@ def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_activations_match_autograd(mode, dtype):
-    kept, _ = memory._kept_and_recomputed(DEBUG, dtype.itemsize, mode)
+    kept = memory._kept_bytes_per_token(DEBUG, dtype.itemsize, mode)
     assert kept == pytest.approx(_saved_bytes_per_token(mode, dtype), rel=0.05)
 
 
@@ -108,10 +108,11 @@ def test_activations_scale_with_local_length_and_checkpointing():
 
 def test_loss_chunk_bounds_logit_memory():
     args = llama3_flavors["8B"]
-    chunked = estimate_memory(args, 131072, 1, 8, 2, "full", 2, 4096).loss
-    whole = estimate_memory(args, 131072, 1, 8, 2, "full", 2, 0).loss
+    chunked = memory.loss_chunk_bytes(args, 65536, 4096, 2)
     assert chunked == 4096 * args.vocab_size * (2 + 3 * 4)
-    assert whole == 65536 // 4096 * chunked
+    assert memory.loss_chunk_bytes(args, 65536, 0, 2) == 65536 // 4096 * chunked
+    # Without chunks the logits are the largest transient of the step.
+    assert estimate_memory(args, 131072, 1, 8, 2, "full", 2, 0).backward_peak > 16 * chunked
 
 
 def test_unknown_ac_mode_is_a_user_error():
@@ -131,7 +132,7 @@ def test_8b_refused_on_this_cpu_debug_fits():
 
 def test_cpu_ranks_share_the_ram(monkeypatch):
     monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 10 * memory.GIB)
-    estimate = MemoryEstimate(params=4 * memory.GIB, grads=0, optimizer=0, gathered_params_peak=0, activations=0, loss=0)
+    estimate = MemoryEstimate(params=4 * memory.GIB, grads=0, optimizer=0, gathered_params_peak=0, activations=0, backward_peak=0)
     check_fits(estimate, torch.device("cpu"))
     with pytest.raises(UserError, match="for each of 2 local ranks"):
         check_fits(estimate, torch.device("cpu"), ranks_sharing_device=2)
