@@ -156,7 +156,7 @@ def test_bad_dataset_inputs(tmp_path: Path, tok: Tokenizer) -> None:
     one_line_error(build(wrong_type), str(wrong_type), ".txt", ".jsonl")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    one_line_error(build(empty_dir), str(empty_dir), "no .txt or .jsonl")
+    one_line_error(build(empty_dir), str(empty_dir), "no .jsonl", ".txt files")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n \n\n")
     one_line_error(build(blank), str(blank), "has 0 tokens", "17 needed")

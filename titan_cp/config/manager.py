@@ -120,6 +120,8 @@ def _check_toml_value(key: _Key, value: Any, path: str) -> Any:
     tp = key.type
     choices = _choices(tp)
     if choices is not None:
+        if isinstance(value, bool) and ("true" in choices or "false" in choices):
+            value = "true" if value else "false"  # a tri-state key: `key = false` in TOML is the choice
         ok = isinstance(value, str) and value in choices
     elif tp is float:
         # bool is an int subclass in Python, but `lr = true` is a mistake, not 1.0.

@@ -55,7 +55,20 @@ class LRScheduler:
 @dataclass
 class Training:
     dataset_path: str = option(
-        "assets/data/tinyshakespeare.txt", "a .txt or .jsonl (field 'text') file, or a folder of them"
+        "assets/data/tinyshakespeare.txt",
+        "a .jsonl, .jsonl.gz, .json, .parquet or .txt file, a folder of them, or a datasets save_to_disk folder",
+    )
+    dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion"] = option(
+        "auto", "record format: auto (from the first record's keys), text, chat (messages), alpaca"
+        " (instruction, input, output) or prompt_completion (prompt, completion)",
+    )
+    train_on_inputs: Literal["auto", "true", "false"] = option(
+        "auto", "also train on prompts, user and system turns; auto: false for chat, alpaca and"
+        " prompt_completion (text always trains on every token)",
+    )
+    truncation: Literal["auto", "split", "truncate", "drop"] = option(
+        "auto", "a document longer than seq_len: split into pieces, truncate to its first seq_len tokens,"
+        " or drop it; auto: split for text, truncate for the other formats",
     )
     seq_len: int = option(2048, "tokens per sequence (the full length, before cp sharding)")
     local_batch_size: int = option(8, "sequences per micro-batch on each data-parallel rank")
