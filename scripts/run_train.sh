@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Launch titan_cp training with torchrun.
 #   ./scripts/run_train.sh [CONFIG] [--section.key value ...]
+#   ./scripts/run_train.sh [CONFIG] [--section.key value ...] --help-memory [--device-memory-gib N]
+#     prints the longest training.seq_len that fits one GPU and the lever to turn next, without
+#     starting a run (no GPU needed; docs/memory.md)
 # CONFIG defaults to train_configs/debug_model.toml. Environment:
 #   NGPU      processes to start (default: the GPUs present, else 1)
 #   LOG_RANK  ranks whose output is shown (default 0; e.g. 0,1)
@@ -18,6 +21,9 @@ for arg in "$@"; do
   if [[ "$arg" == --help || "$arg" == -h ]]; then
     exec python3 -m titan_cp.train --help
   fi
+  if [[ "$arg" == --help-memory ]]; then
+    exec python3 -m titan_cp.memory_report --job.config_file "$CONFIG" "$@"
+  fi
 done
 
 if [[ -z "${NGPU:-}" ]]; then
@@ -32,11 +38,22 @@ TITAN_CP_ERROR_FILE=$(mktemp)
 export TITAN_CP_ERROR_FILE
 trap 'rm -f "$TITAN_CP_ERROR_FILE"' EXIT
 
+# Once a rank has written its one-line error (a rank out of memory exits non-zero, so torchrun
+# stops the others), what follows on stderr is noise: torchrun's failure report with its
+# traceback, and the other ranks' errors as their peer disappears. It is dropped; the line is
+# printed at the end.
+hide_after_error() {
+  local line
+  while IFS= read -r line; do
+    [[ -s "$TITAN_CP_ERROR_FILE" ]] || printf '%s\n' "$line"
+  done
+}
+
 # SIGTERM (preemption) goes to the ranks themselves: each saves a checkpoint and exits 0.
 # Signalling torchrun instead would make it exit 1 after its workers finished cleanly.
 python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m titan_cp.train --job.config_file "$CONFIG" "$@" &
+  -m titan_cp.train --job.config_file "$CONFIG" "$@" 2> >(hide_after_error >&2) &
 child=$!
 trapped=0
 trap 'trapped=1; pkill -TERM -P "$child" 2>/dev/null' TERM INT

@@ -3,6 +3,8 @@ memory they promise (no full-length [S, ffn_dim] tensor; what checkpointing keep
 """
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import Transformer
 from titan_cp.parallel.activation_offload import apply_activation_offload
 from titan_cp.parallel.parallelize import apply_activation_checkpointing
+from tests.train_utils import REPO, TINY, assert_close_losses, read_metrics, run_train, train_losses
 
 DEBUG = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=3)
 BATCH, SEQ = 2, 40
@@ -124,3 +127,45 @@ def test_selective_offload_moves_attention_tensors():
     assert (BATCH, SEQ, DEBUG.dim) in moved
     assert (BATCH, SEQ, DEBUG.n_kv_heads, head_dim) in moved or (BATCH, DEBUG.n_kv_heads, SEQ, head_dim) in moved
     assert (BATCH, SEQ, 1, head_dim) in kept and (BATCH, SEQ, 1, head_dim) not in moved
+
+
+STEPS = ["--training.steps", "3", "--training.local_batch_size", "1", "--training.global_batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def trainer_losses(tmp_path_factory) -> list[float]:
+    return train_losses(tmp_path_factory.mktemp("plain"), *STEPS)
+
+
+def test_trainer_with_every_lever_keeps_the_losses(trainer_losses, tmp_path):
+    """Offload, tiling and full checkpointing through the trainer (via the reduced-depth script
+    at the debug model's own depth), against the plain launcher run."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_reduced_depth.py"), str(llama3_flavors["debugmodel"].n_layers),
+         "--job.config_file", "train_configs/debug_model.toml", "--model.flavor", f"debugmodel-{llama3_flavors['debugmodel'].n_layers}L",
+         "--job.dump_folder", str(tmp_path), *TINY, *STEPS, "--activation_checkpoint.mode", "full",
+         "--activation_checkpoint.offload", "true", "--training.mlp_chunk_size", "24"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close_losses([r["loss"] for r in read_metrics(tmp_path)], trainer_losses, rtol=1e-5)
+
+
+def test_cpu_offload_keeps_the_losses(trainer_losses, tmp_path):
+    """FSDP2's CPUOffloadPolicy over 2 ranks: the optimizer step and clipping run on host shards."""
+    losses = train_losses(tmp_path, *STEPS, "--training.enable_cpu_offload", "true", ngpu=2)
+    assert_close_losses(losses, trainer_losses, rtol=1e-4)
+
+
+def test_out_of_memory_in_a_step_is_one_line_on_every_rank(tmp_path):
+    """Rank 1 alone runs out of memory (injected, tests/oom_injection): the launcher exits
+    non-zero with one line naming the levers, and no traceback from any rank or torchrun."""
+    env = {"PYTHONPATH": f"{REPO / 'tests' / 'oom_injection'}:{REPO}", "TITAN_CP_TEST_OOM_RANK": "1"}
+    result = run_train(tmp_path, *TINY, "--training.steps", "3", ngpu=2, env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "out of memory on rank 1" in errors[0], result.stderr
+    for lever in ("mlp_chunk_size", "activation_checkpoint.offload", "activation_checkpoint.mode full",
+                  "loss_chunk_size", "context_parallel_degree", "enable_cpu_offload", "--help-memory"):  # fmt: skip
+        assert lever in errors[0]

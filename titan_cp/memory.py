@@ -168,15 +168,16 @@ def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) ->
 
     batch_ring: the K/V block held and the one arriving; in backward the fp32 dQ accumulator,
     the kernel's dQ for the block, and three fp32 dK/dV pairs (this step's, the incoming one,
-    the one being sent); at cp = 2 these accumulate in the input dtype, so this is an upper bound
-    there. The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
+    the one being sent), in fp32, or at cp = 2 in the input dtype (the ring accumulates there in
+    the input dtype). The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
     gathered (heads_k_stride = all KV heads, the worst case) and their fp32 dK/dV before the
     reduce-scatter. Without cp the kernel works in place.
     """
     if cp == 1:
         return 0
     _, q_width, kv_width, _ = _widths(model_args)
-    ring = 2 * 2 * kv_width * act_bytes + q_width * act_bytes + (q_width + 3 * 2 * kv_width) * FP32
+    accumulate = act_bytes if cp == 2 else FP32
+    ring = 2 * 2 * kv_width * act_bytes + q_width * act_bytes + (q_width + 3 * 2 * kv_width) * accumulate
     all_gather = cp * 2 * kv_width * (act_bytes + FP32)
     return max(ring, all_gather)
 
@@ -351,6 +352,22 @@ LEVERS = (
     " parallelism.data_parallel_shard_degree), training.enable_cpu_offload true, a smaller training.seq_len"
     " or training.local_batch_size"
 )
+
+
+def out_of_memory_message() -> str:
+    """The one line a rank prints when its device runs out of memory inside a step."""
+    where = "CPU"
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        where = (
+            f"GPU {device} of {total / GIB:.1f} GiB, peak allocated {torch.cuda.max_memory_allocated(device) / GIB:.1f}"
+            f" GiB, reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB"
+        )
+    return (
+        f"out of memory on rank {os.environ.get('RANK', '0')} ({where}); lower the peak per device with {LEVERS};"
+        " run_train.sh CONFIG [overrides] --help-memory prints the longest training.seq_len that fits and the next lever"
+    )
 
 
 def needed_bytes(estimate: MemoryEstimate, overhead: int) -> float:

@@ -17,7 +17,7 @@ from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
-from titan_cp.memory import check_fits, estimate_memory
+from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
 from titan_cp.models.llama3 import Transformer, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
@@ -57,17 +57,12 @@ class Trainer:
         )
         self.cp.validate(training.seq_len, self.model_args.n_kv_heads)
 
-        estimate = estimate_memory(
+        estimate = estimate_for_config(
             self.model_args,
-            seq_len=training.seq_len,
-            local_batch_size=training.local_batch_size,
+            cfg,
             dp_shard_cp=self.dims.dp_shard * self.dims.cp,
             cp=self.dims.cp,
-            ac_mode=cfg.activation_checkpoint.mode,
-            param_dtype_bytes=2 if self.device.type == "cuda" and training.mixed_precision_param == "bfloat16" else 4,
-            loss_chunk_size=training.loss_chunk_size,
-            reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
-            fsdp_prefetch=cfg.parallelism.fsdp_prefetch,
+            on_gpu=self.device.type == "cuda",
         )
         print_rank0(f"memory estimate per device: {estimate.format()}", self.rank)
         # On CPU every local rank shares the machine's RAM.
@@ -87,7 +82,8 @@ class Trainer:
             cfg.activation_checkpoint,
             cfg.compile,
         )
-        self.model.to_empty(device=self.device)
+        # With CPU offload FSDP2 wants the sharded parameters in host memory; buffers stay on the device.
+        self.model.to_empty(device="cpu" if training.enable_cpu_offload else self.device)
         with torch.no_grad():
             self.model.init_weights(buffer_device=self.device)
         self.model.train()
@@ -250,6 +246,17 @@ def main(argv: list[str] | None = None) -> None:
         # Under scripts/run_train.sh the launcher prints the line and owns the exit code:
         # exiting 0 here keeps torchrun from printing its own traceback for a user mistake.
         os._exit(0 if error_file else 2)
+    except torch.OutOfMemoryError:
+        # Any rank may run out alone: it reports one line and exits non-zero, so torchrun stops
+        # the others (the launcher then hides torchrun's own report).
+        message = f"error: {out_of_memory_message()}\n"
+        if error_file:
+            with open(error_file, "w") as f:
+                f.write(message)
+        else:
+            sys.stderr.write(message)
+            sys.stderr.flush()
+        os._exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
