@@ -146,3 +146,86 @@ def test_h200_verdicts_for_8b_at_128k(monkeypatch):
     check_fits(estimate_memory(args, 131072, 1, 2, 2, "full", 2, 4096), cuda)
     with pytest.raises(UserError, match="NVIDIA H200 has 139.8 GiB"):
         check_fits(estimate_memory(args, 131072, 1, 2, 2, "selective", 2, 4096), cuda)
+
+
+# Peaks measured on H200s (torch.cuda.max_memory_allocated over 2-3 steps, docs/memory.md):
+# (flavor, layers, seq_len, FSDP ranks, cp, AC mode, loss chunk, mlp chunk, offload, compiled, GiB).
+# The 512K compiled row is step 1's peak plus the optimizer state step 2 adds (that run died in step 2).
+MEASURED = [
+    ("8B", 32, 65536, 2, 2, "selective", 2048, 0, False, False, 106.9),
+    ("8B", 32, 65536, 2, 2, "full", 2048, 0, False, False, 70.5),
+    ("8B", 32, 131072, 2, 2, "full", 2048, 0, False, False, 82.7),
+    ("8B", 32, 262144, 2, 2, "full", 2048, 0, False, False, 115.5),
+    ("1B", 16, 16384, 1, 1, "none", 4096, 0, False, False, 47.7),
+    ("1B", 16, 16384, 2, 2, "none", 4096, 0, False, False, 27.4),
+    ("1B", 16, 262144, 1, 1, "full", 4096, 0, False, True, 75.5),
+    ("1B", 16, 524288, 1, 1, "full", 4096, 0, False, True, 126.8 + 9.21),
+    ("1B", 8, 131072, 1, 1, "full", 4096, 0, False, False, 31.58),
+    ("1B", 8, 131072, 1, 1, "full", 4096, 8192, True, False, 21.54),
+    ("1B", 1, 1048576, 1, 1, "full", 4096, 8192, True, False, 83.27),
+    ("8B", 1, 524288, 1, 1, "full", 4096, 8192, True, False, 96.24),
+]
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda row: f"{row[0]}-{row[1]}L-{row[2] // 1024}K-{row[5]}-mlp{row[7]}-off{int(row[8])}")
+def test_estimate_within_10_percent_of_measured_peaks(row):
+    """Every measured peak is within 10% of its estimate, and the estimate with its margin is
+    above the measured peak, so a run the check admits did fit."""
+    flavor, layers, seq_len, ranks, cp, mode, loss_chunk, mlp_chunk, offload, compiled, measured = row
+    args = dataclasses.replace(llama3_flavors[flavor], n_layers=layers)
+    estimate = estimate_memory(
+        args, seq_len, 1, ranks, cp, mode, 2, loss_chunk,
+        mlp_chunk_size=mlp_chunk, activation_offload=offload, compiled=compiled,
+    )  # fmt: skip
+    assert estimate.total / memory.GIB == pytest.approx(measured, rel=0.10)
+    assert memory.needed_bytes(estimate, memory.FIXED_OVERHEAD_CUDA) / memory.GIB > measured
+
+
+def test_offload_keeps_two_blocks_on_the_device():
+    args = llama3_flavors["1B"]
+    plain = estimate_memory(args, 131072, 1, 1, 1, "full", 2, 4096)
+    offloaded = estimate_memory(args, 131072, 1, 1, 1, "full", 2, 4096, activation_offload=True)
+    per_block = 131072 * args.dim * 2
+    rope = 131072 * 2 * args.head_dim * 4
+    assert plain.activations == args.n_layers * per_block + rope
+    assert offloaded.activations == 2 * per_block + rope
+    assert offloaded.host == (args.n_layers - 2) * per_block
+    assert offloaded.backward_peak == plain.backward_peak
+
+
+def test_tiled_mlp_removes_the_ffn_width_from_the_backward():
+    args, tokens = llama3_flavors["1B"], 1 << 20
+    untiled = memory._block_backward_bytes(args, 2, "full", 1, tokens, 0)
+    tiled = memory._block_backward_bytes(args, 2, "full", 1, tokens, 8192)
+    assert untiled - tiled > tokens * 5 * args.ffn_hidden_dim * 2
+    # A chunk as long as the local sequence is no tiling at all.
+    assert memory._block_backward_bytes(args, 2, "full", 1, tokens, tokens) == untiled
+
+
+def test_cpu_offload_moves_the_model_state_to_the_host():
+    args = llama3_flavors["8B"]
+    on_device = estimate_memory(args, 65536, 1, 2, 2, "full", 2, 2048)
+    offloaded = estimate_memory(args, 65536, 1, 2, 2, "full", 2, 2048, cpu_offload=True)
+    assert offloaded.params == offloaded.grads == offloaded.optimizer == 0
+    assert offloaded.host == on_device.params + on_device.grads + on_device.optimizer
+    assert offloaded.gathered_params_peak > on_device.gathered_params_peak  # fp32 shards staged on the device
+
+
+def test_the_run_that_died_in_step_2_is_refused_and_fits_with_the_levers(monkeypatch):
+    """1B at 512K, full checkpointing, compiled, one H200: it passed the old estimate, peaked at
+    126.8 GiB in step 1 and ran out of memory in step 2. Now refused; tiling and offload admit it."""
+    h200 = SimpleNamespace(name="NVIDIA H200", total_memory=int(139.8 * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 120 * memory.GIB)
+    args, cuda = llama3_flavors["1B"], torch.device("cuda", 0)
+    with pytest.raises(UserError, match="mlp_chunk_size"):
+        check_fits(estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, compiled=True), cuda)
+    check_fits(
+        estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, compiled=True, mlp_chunk_size=8192, activation_offload=True),
+        cuda,
+    )
+    # Offloaded activations that do not fit the host's RAM are refused too.
+    monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 10 * memory.GIB)
+    with pytest.raises(UserError, match="host memory"):
+        check_fits(estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, activation_offload=True), cuda)

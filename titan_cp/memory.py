@@ -23,9 +23,15 @@ FIXED_OVERHEAD_CUDA = 3 * GIB
 FIXED_OVERHEAD_CPU = 1 * GIB
 
 # A compiled block's backward graph holds more at once than eager autograd (its partitioner
-# decides what to save and when to recompute). Measured: 1B, full checkpointing, one H200, at
-# 256K and 512K tokens, 1.25x the eager working set matched both peaks (docs/memory.md).
-COMPILED_BACKWARD_FACTOR = 1.25
+# decides what to save and when to recompute). Fitted to two compiled runs of the 1B model with
+# full checkpointing on one H200 (256K and 512K tokens), which it over-estimates by 3.5%.
+COMPILED_BACKWARD_FACTOR = 1.15
+
+# The attention kernel's backward holds fp32 buffers of this many query widths per token (a dQ
+# accumulator, and dK/dV at query-head width under GQA): fitted to the peaks of 1B at 1M and 8B
+# at 512K tokens with one layer on one H200 (cuDNN), where attention's backward is the largest
+# phase; 3 matched the 1B peak and over-estimated the 8B one by 7% (docs/memory.md).
+ATTENTION_BACKWARD_FP32_WIDTHS = 3
 
 # Master parameters, their gradients and AdamW's two moments stay fp32 whatever the compute dtype
 # (FSDP2 keeps the sharded parameters in fp32 and casts to bf16 only for the all-gather).
@@ -187,15 +193,15 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
 
     Two phases, whichever is larger (they do not coexist: autograd frees a node's saved tensors
     once its gradient is computed):
-    - the SwiGLU's backward, at silu(w1) * w3's gradient: w1's and w3's outputs and silu(w1)
-      (the product was freed by w2's backward) next to three gradients of the same width, plus
+    - the SwiGLU's backward, at silu(w1) * w3's gradient: w1's and w3's outputs, silu(w1) and
+      the product next to three gradients of the same width (seven, as counted on CPU), plus
       what checkpointing recomputed before it (full: the whole attention half; selective: the
       feed-forward norm's fp32 input and rsqrt). A tiled SwiGLU holds this for one chunk only
       (its saved four and their three gradients), plus every chunk's input gradient until they
       are joined;
-    - attention's backward: the kernel's dQ, dK, dV and its fp32 dQ accumulator, the gradient of
-      its output, the cp workspace, and (full) the recomputed attention half without the
-      feed-forward norm.
+    - attention's backward: the kernel's dQ, dK, dV and its fp32 accumulators, the gradient of
+      its output, the cp workspace, and (full) the block's input and the recomputed attention
+      half without the feed-forward norm.
     Both hold the incoming gradient and the residual gradient being accumulated (2 x dim).
     """
     dim, q_width, kv_width, ffn = _widths(model_args)
@@ -210,16 +216,18 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
         mlp_fixed = mlp_chunk * 7 * ffn * a
     else:
         # Untiled without checkpointing, the four SwiGLU tensors are already among the kept ones.
-        mlp_per_token = 6 * ffn * a - (_swiglu_bytes_per_token(model_args, a) if ac_mode == "none" else 0)
+        mlp_per_token = 7 * ffn * a - (_swiglu_bytes_per_token(model_args, a) if ac_mode == "none" else 0)
         mlp_fixed = 0
     mlp_phase = local_tokens * (recomputed_before_mlp + mlp_per_token + residual_grads) + mlp_fixed
-    recomputed_in_attention = attention_half - norm if ac_mode == "full" else 0
+    # Full checkpointing: the block's input (fetched back when offloaded) and the recomputed
+    # attention half without the feed-forward norm, whose backward is done.
+    recomputed_in_attention = dim * a + attention_half - norm if ac_mode == "full" else 0
     attention_phase = local_tokens * (
         recomputed_in_attention
         + residual_grads
         + q_width * a  # gradient of the attention output
         + (q_width + 2 * kv_width) * a  # dQ, dK, dV
-        + q_width * FP32  # the kernel's fp32 dQ accumulator
+        + ATTENTION_BACKWARD_FP32_WIDTHS * q_width * FP32  # the kernel's fp32 accumulators
         + _attention_workspace_bytes_per_token(model_args, a, cp)
     )
     return max(mlp_phase, attention_phase)
