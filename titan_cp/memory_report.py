@@ -141,10 +141,14 @@ def report(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        print(report(sys.argv[1:] if argv is None else argv))
+        text = report(sys.argv[1:] if argv is None else argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader (say, `| head`) stopped early
+        sys.stderr.close()
 
 
 if __name__ == "__main__":
