@@ -1,6 +1,7 @@
 """The memory estimate against real tensors: parameter counts, optimizer state, saved activations."""
 
 import dataclasses
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -8,10 +9,13 @@ import torch
 
 from titan_cp import memory
 from titan_cp.errors import UserError
-from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_memory
+from titan_cp.config import load_config
+from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_for_config, estimate_memory
+from titan_cp.memory_report import longest_seq_len
 from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import RotaryEmbedding, Transformer, TransformerBlock, sdpa_causal_attention
 from titan_cp.parallel.parallelize import checkpoint_block
+from tests.train_utils import REPO
 
 DEBUG = llama3_flavors["debugmodel"]
 
@@ -229,3 +233,32 @@ def test_the_run_that_died_in_step_2_is_refused_and_fits_with_the_levers(monkeyp
     monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 10 * memory.GIB)
     with pytest.raises(UserError, match="host memory"):
         check_fits(estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, activation_offload=True), cuda)
+
+
+def _help_memory(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/run_train.sh", "train_configs/debug_model.toml", "--model.flavor", "1B",
+         "--training.local_batch_size", "1", "--activation_checkpoint.mode", "full", *overrides, "--help-memory"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_help_memory_prints_the_longest_fit_and_the_next_lever():
+    """No GPU here: an H200's memory is assumed; the longest length is the fit boundary."""
+    result = _help_memory("--training.seq_len", "524288", "--compile.enable", "true")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "139.8 GiB (an H200" in lines[0]
+    assert "524,288 does NOT fit" in lines[1]
+    longest = int(next(l for l in lines if l.startswith("longest")).split(": ")[1].replace(",", ""))
+    cfg = load_config(["--job.config_file", "train_configs/debug_model.toml", "--model.flavor", "1B",
+                       "--training.local_batch_size", "1", "--activation_checkpoint.mode", "full", "--compile.enable", "true"])  # fmt: skip
+    capacity = int(139.8 * memory.GIB)
+    assert longest == longest_seq_len(llama3_flavors["1B"], cfg, capacity)
+    fits = lambda s: memory.needed_bytes(estimate_for_config(llama3_flavors["1B"], cfg, 1, 1, True, s), memory.FIXED_OVERHEAD_CUDA) <= capacity  # noqa: E731
+    assert fits(longest) and not fits(longest + 2048)
+    assert any(l.startswith("next lever: --training.mlp_chunk_size 8192") for l in lines), result.stdout
+    smaller = _help_memory("--device-memory-gib", "80")
+    assert "80 GiB (--device-memory-gib)" in smaller.stdout
+    bad = _help_memory("--device-memory-gib", "lots")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--device-memory-gib" in bad.stderr
