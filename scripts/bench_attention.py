@@ -10,6 +10,9 @@ Rows, for every sequence length S (cp = number of ranks):
 - batch_ring: titan_cp's p2p ring in the zigzag layout, with each kernel;
 - varlen_llama3: titan_cp's all-gather K/V attention over packed documents of random lengths
   (mean --doc-len), with each kernel, at cp = 1 and over all ranks;
+- ulysses, ulysses_varlen: titan_cp's Ulysses all-to-all over all ranks around the local causal
+  kernel (dense) and the local varlen kernel (the packed documents), when the ranks divide the
+  query heads;
 - native_cp: `torch.distributed.tensor.experimental.context_parallel` around
   `F.scaled_dot_product_attention(is_causal=True)`, its head-tail load balancer (the zigzag
   layout), for each rotate method, with SDPA pinned to cuDNN or flash by `sdpa_kernel`.
@@ -47,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
 from titan_cp.context_parallel.ring_attention import ring_attention
 from titan_cp.context_parallel.sharding import shard, unshard
+from titan_cp.context_parallel.ulysses import ulysses_attention
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
 
 FLOPS_FORMULA = (
@@ -335,6 +339,45 @@ def varlen_method(inputs: Inputs, kernel_name: str, rank: int, world: int, devic
     return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous", notes)
 
 
+def ulysses_method(inputs: Inputs, kernel_name: str, rank: int, world: int, device: torch.device, packed: bool, stride: int) -> Method:
+    """Pure Ulysses over all ranks (contiguous shards): the local kernel on whole sequences, or the
+    local varlen kernel on whole documents, for 1/world of the heads."""
+    resolve_attn_implementation(kernel_name, device)
+    kernel = get_kernel(kernel_name)
+    cu_seqlens = document_cu_seqlens(inputs.positions)
+    q, k, v, dout = (shard(t, rank, world, "contiguous") for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    q, k, v = _leaves(q, k, v)
+
+    def inner(q, k, v):
+        if packed:
+            return varlen_llama3_attention(q, k, v, cu_seqlens, None, stride, kernel_name)
+        return local_attention(q, k, v, kernel)
+
+    def attend(q, k, v):
+        return ulysses_attention(q, k, v, dist.group.WORLD, inner)
+
+    return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous")
+
+
+def ulysses_plan(inputs: Inputs, dense: Inputs, kernels: list[str], rank: int, world: int, device: torch.device,
+                 args: argparse.Namespace, reference: Callable, flops: dict) -> list:
+    """The Ulysses rows of one sequence length: dense and packed, with each kernel."""
+    if world == 1 or args.heads % world:
+        return []
+    seq_len = inputs.q.shape[1]
+    flops[("ulysses", seq_len)] = flops[("single", seq_len)]
+    flops[("ulysses_varlen", seq_len)] = flops[("varlen_llama3", seq_len)]
+    plan = []
+    for kernel in kernels:
+        for method, packed, source in (("ulysses", False, dense), ("ulysses_varlen", True, inputs)):
+            plan.append((
+                Row(method, kernel, seq_len, world),
+                lambda k=kernel, p=packed, i=source: ulysses_method(i, k, rank, world, device, p, args.heads_k_stride),
+                reference("packed" if packed else "dense", source),
+            ))  # fmt: skip
+    return plan
+
+
 def native_needs_cuda() -> Method:
     # Not attempted on CPU: torch's native CP has no sharding rule for the CPU attention op, and
     # a failed attempt leaves its process groups half used, which can abort the process at exit.
@@ -523,6 +566,7 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     lambda k=kernel, c=cp: varlen_method(inputs, k, rank if c > 1 else 0, c, device, args.heads_k_stride),
                     reference("packed", inputs),
                 ))  # fmt: skip
+        plan += ulysses_plan(inputs, dense, kernels, rank, world, device, args, reference, flops)
         for rotate in args.native_rotate:
             # Native CP runs SDPA's own backends only: flash_attn has no row there.
             for kernel in (k for k in kernels if k in NATIVE_BACKENDS):

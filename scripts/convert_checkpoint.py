@@ -1,12 +1,16 @@
 """Convert model weights between Hugging Face safetensors and titan_cp's DCP checkpoints.
 
     python scripts/convert_checkpoint.py hf-to-dcp HF_DIR DCP_DIR
-    python scripts/convert_checkpoint.py dcp-to-hf DCP_DIR HF_DIR [--flavor 8B] [--dtype bfloat16]
+    python scripts/convert_checkpoint.py dcp-to-hf DCP_DIR HF_DIR --tokenizer PATH [--flavor 8B] [--dtype bfloat16]
 
 A DCP folder here is the model part of a trainer checkpoint (`step-N/`): keys `model.<name>`
 with titan_cp names. Model arguments come from `--flavor`, else from the `model_args` in the
-folder's meta.json (the trainer writes it) or a model_args.json. Both directions run in one
-process without a process group. Mistakes print one line and exit with code 2.
+folder's meta.json (the trainer writes it) or a model_args.json. `dcp-to-hf` writes the same
+folder as the trainer's `checkpoint.last_save_in_hf`: `--tokenizer` is the run's tokenizer
+source (its model.tokenizer_path, else its model.hf_assets_path), whose files are copied and
+whose special tokens go into config.json and generation_config.json (a folder's own
+generation_config.json is kept). Both directions run in one process without a process group.
+Mistakes print one line and exit with code 2.
 """
 
 import argparse
@@ -22,11 +26,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan_cp.checkpoint.hf import export_hf, load_hf_model
+from titan_cp.checkpoint.hf_serving import serving_files
+from titan_cp.data import Tokenizer
 from titan_cp.errors import UserError
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 
 PREFIX = "model."
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def hf_to_dcp(hf_dir: Path, dcp_dir: Path) -> None:
@@ -67,9 +73,15 @@ def _model_args(dcp_dir: Path, flavor: str | None) -> TransformerModelArgs:
     raise UserError(f"{dcp_dir}: no meta.json with model_args or model_args.json; pass --flavor")
 
 
-def dcp_to_hf(dcp_dir: Path, hf_dir: Path, flavor: str | None, dtype: torch.dtype | None) -> None:
+def dcp_to_hf(dcp_dir: Path, hf_dir: Path, tokenizer_source: Path | None, flavor: str | None, dtype: torch.dtype) -> None:
     if not (dcp_dir / ".metadata").is_file():
         raise UserError(f"{dcp_dir}: not a DCP checkpoint folder (no .metadata)")
+    if tokenizer_source is None:
+        raise UserError(
+            "dcp-to-hf needs --tokenizer: the run's model.tokenizer_path or model.hf_assets_path"
+            " (a tokenizer.json or a Hugging Face folder)"
+        )
+    serving = serving_files(Tokenizer(tokenizer_source), tokenizer_source if tokenizer_source.is_dir() else None)
     args = _model_args(dcp_dir, flavor)
     with torch.device("meta"):
         model = Transformer(args)
@@ -87,7 +99,7 @@ def dcp_to_hf(dcp_dir: Path, hf_dir: Path, flavor: str | None, dtype: torch.dtyp
                 f"{dcp_dir}: tensor {key!r} has shape {list(entry.size)}, the model args expect {list(tensor.shape)}"
             )
     dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
-    export_hf(model, args, hf_dir, dtype=dtype)
+    export_hf(model, args, hf_dir, dtype=dtype, serving=serving)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,15 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     to_hf = commands.add_parser("dcp-to-hf", help="DCP model checkpoint -> Hugging Face folder")
     to_hf.add_argument("dcp_dir", type=Path)
     to_hf.add_argument("hf_dir", type=Path)
+    to_hf.add_argument(
+        "--tokenizer", type=Path, default=None,
+        help="the run's tokenizer source: its model.tokenizer_path, else its model.hf_assets_path (required)",
+    )  # fmt: skip
     to_hf.add_argument("--flavor", default=None, help=f"one of {', '.join(llama3_flavors)}; default: the saved args")
-    to_hf.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: the saved dtype")
+    to_hf.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="exported dtype, as checkpoint.export_dtype"
+    )
     options = parser.parse_args(argv)
     try:
         if options.command == "hf-to-dcp":
             hf_to_dcp(options.hf_dir, options.dcp_dir)
         else:
-            dtype = _DTYPES[options.dtype] if options.dtype else None
-            dcp_to_hf(options.dcp_dir, options.hf_dir, options.flavor, dtype)
+            dcp_to_hf(options.dcp_dir, options.hf_dir, options.tokenizer, options.flavor, _DTYPES[options.dtype])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

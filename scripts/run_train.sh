@@ -7,6 +7,10 @@
 # CONFIG defaults to train_configs/debug_model.toml. Environment:
 #   NGPU      processes to start (default: the GPUs present, else 1)
 #   LOG_RANK  ranks whose output is shown (default 0; e.g. 0,1)
+# Several nodes (run this script once on each; NGPU is then the processes per node):
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (default 29500)   static rendezvous, or
+#   NNODES, RDZV_ENDPOINT (host:port), RDZV_ID (default titan_cp)  c10d rendezvous
+# Without NNODES (or with NNODES=1) the run is single-node (torchrun --standalone).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,6 +36,20 @@ if [[ -z "${NGPU:-}" ]]; then
 fi
 LOG_RANK=${LOG_RANK:-0}
 
+# torchrun's rendezvous: one node by default, several from the environment.
+NNODES=${NNODES:-1}
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  RENDEZVOUS=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-titan_cp}")
+elif [[ "$NNODES" != 1 ]]; then
+  if [[ -z "${NODE_RANK:-}" || -z "${MASTER_ADDR:-}" ]]; then
+    echo "error: NNODES=$NNODES needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT" >&2
+    exit 2
+  fi
+  RENDEZVOUS=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
+else
+  RENDEZVOUS=(--standalone)
+fi
+
 # Workers write a user mistake (bad key, file, degree) here and exit quietly, so the user sees
 # one line instead of torchrun's failure report; this script then exits non-zero.
 TITAN_CP_ERROR_FILE=$(mktemp)
@@ -51,7 +69,7 @@ hide_after_error() {
 
 # SIGTERM (preemption) goes to the ranks themselves: each saves a checkpoint and exits 0.
 # Signalling torchrun instead would make it exit 1 after its workers finished cleanly.
-python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
+python3 -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$NGPU" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m titan_cp.train --job.config_file "$CONFIG" "$@" 2> >(hide_after_error >&2) &
 child=$!

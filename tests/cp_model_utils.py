@@ -1,26 +1,28 @@
-"""Build and step a tiny titan_cp Llama the way `titan_cp.train.Trainer` does, for cp equivalence tests.
+"""Build and step a tiny titan_cp Llama with the trainer's own build steps, for cp equivalence tests.
 
-The construction mirrors `Trainer.__init__` (seed, meta device, `parallelize_llama`, `to_empty`,
-`init_weights`) and the step mirrors `Trainer.train_step` up to the backward pass (the local loss
-sum divided by the valid-target count all-reduced over the world), so the tests exercise the
-trainer's own math rather than a re-implementation of it.
+The model comes from `titan_cp.train.build_model`, `parallelize_llama` and
+`titan_cp.train.materialise_and_init`, and the step is `titan_cp.train.forward_backward` (the local
+loss sum divided by the valid-target count all-reduced over the world), so the tests exercise the
+trainer's own code rather than a copy of it.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from titan_cp.config.schema import ActivationCheckpoint, Compile, Parallelism, Training
 from titan_cp.context_parallel import AttentionContext, ContextParallel
+from titan_cp.loss import IGNORE_INDEX
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs
 from titan_cp.parallel import ParallelDims, parallelize_llama
+from titan_cp.train import build_model as build_meta_model
+from titan_cp.train import forward_backward as trainer_forward_backward
+from titan_cp.train import materialise_and_init
 
 SEQ_LEN = 48  # divisible by 2*cp for zigzag with cp 2 and 4, and by cp = 3 for the contiguous layout
 BATCH = 2
 SEED = 7
-IGNORE = -100
 ATTENTION_SHARPNESS = 16.0  # see sharpen_attention
 
 TINY_ARGS = TransformerModelArgs(
@@ -48,9 +50,14 @@ class Case:
     # Negative control: shard the positions in the other layout than the tokens. The result
     # must then differ from cp = 1, or the comparison could not notice a layout mistake.
     wrong_position_layout: bool = False
+    ulysses: int = 1  # parallelism.context_parallel_ulysses_degree
 
     def parallelism(self, cp: int) -> Parallelism:
-        return Parallelism(context_parallel_degree=cp, context_parallel_load_balancer=self.load_balancer)
+        return Parallelism(
+            context_parallel_degree=cp,
+            context_parallel_load_balancer=self.load_balancer,
+            context_parallel_ulysses_degree=self.ulysses,
+        )
 
     def training(self) -> Training:
         return Training(
@@ -66,7 +73,7 @@ def plain_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     window = torch.randint(0, TINY_ARGS.vocab_size, (BATCH, SEQ_LEN + 1), generator=g)
     tokens, labels = window[:, :-1].clone(), window[:, 1:].clone()
-    labels[0, [5, 23, 24, 40]] = IGNORE  # some at shard edges, so the global count matters
+    labels[0, [5, 23, 24, 40]] = IGNORE_INDEX  # some at shard edges, so the global count matters
     positions = torch.arange(SEQ_LEN).expand(BATCH, -1).clone()
     return tokens, labels, positions
 
@@ -90,7 +97,7 @@ def packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     g = torch.Generator().manual_seed(13)
     tokens = torch.randint(0, TINY_ARGS.vocab_size, (BATCH, SEQ_LEN), generator=g)
-    labels = torch.full_like(tokens, IGNORE)
+    labels = torch.full_like(tokens, IGNORE_INDEX)
     positions = torch.empty_like(tokens)
     for b, runs in enumerate(DOCUMENTS):
         assert sum(length for _, length in runs) == SEQ_LEN
@@ -103,17 +110,16 @@ def packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if b == 0:
             labels[b, SEQ_LEN - 1] = 5
     for b, pad in enumerate(PADDED_TAIL):
-        labels[b, SEQ_LEN - pad :] = IGNORE
+        labels[b, SEQ_LEN - pad :] = IGNORE_INDEX
     return tokens, labels, positions
 
 
 def build_model(
     cp: ContextParallel, dims: ParallelDims, fsdp_mesh, case: Case, args: TransformerModelArgs = TINY_ARGS
 ) -> Transformer:
-    """The model as `Trainer.__init__` builds it: meta, parallelize, to_empty, init_weights, train()."""
+    """The model as `Trainer.__init__` builds it: meta, parallelize, materialise and initialise."""
     torch.manual_seed(SEED)
-    with torch.device("meta"):
-        model = Transformer(args, attention=cp.attention)
+    model = build_meta_model(args, cp.attention)
     parallelize_llama(
         model,
         dims,
@@ -124,10 +130,7 @@ def build_model(
         ActivationCheckpoint(),
         Compile(),
     )
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.init_weights(buffer_device=torch.device("cpu"))
-    model.train()
+    materialise_and_init(model, torch.device("cpu"))
     return model
 
 
@@ -170,18 +173,9 @@ def forward_backward(
     case: Case,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext],
 ) -> float:
-    """One micro-batch of `Trainer.train_step` up to backward; returns the global loss sum.
+    """One micro-batch through the trainer's forward and backward; returns the global loss sum.
 
     `batch` is this rank's already-sharded (tokens, labels, positions, attention_context).
     """
-    tokens, labels, positions, context = batch
-    local_count = int((labels != IGNORE).sum())
-    global_count = torch.tensor(local_count, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(global_count)
-    loss = model(tokens, positions, context, labels=labels, loss_chunk_size=case.loss_chunk_size)
-    (loss / global_count.float()).backward()
-    loss_sum = loss.detach().to(torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
+    loss_sum, _ = trainer_forward_backward(model, [batch], torch.device("cpu"), case.loss_chunk_size)
     return loss_sum.item()

@@ -41,6 +41,8 @@ def test_table_has_every_row(two_rank_run):
         ("batch_ring", "sdpa_cpu", 64, 2),
         ("varlen_llama3", "sdpa_cpu", 64, 1),
         ("varlen_llama3", "sdpa_cpu", 64, 2),
+        ("ulysses", "sdpa_cpu", 64, 2),
+        ("ulysses_varlen", "sdpa_cpu", 64, 2),
         ("native_cp/allgather", "sdpa_cpu", 64, 2),
         ("native_cp/alltoall", "sdpa_cpu", 64, 2),
     }
@@ -49,7 +51,7 @@ def test_table_has_every_row(two_rank_run):
 def test_titan_cp_rows_are_checked_and_timed(two_rank_run):
     _, result = two_rank_run
     for row in result["rows"]:
-        if row["method"] in ("batch_ring", "varlen_llama3"):
+        if row["method"] in ("batch_ring", "varlen_llama3", "ulysses", "ulysses_varlen"):
             assert row["status"] == "ok", row
             assert row["check"].startswith("ok "), row
             assert float(row["check"].split()[1]) < 1e-4

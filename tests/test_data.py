@@ -15,10 +15,10 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from tests.chat_utils import one_line_error
 from titan_cp.config.schema import Training
 from titan_cp.data import Batch, Tokenizer, build_dataloader
 from titan_cp.data.documents import read_documents
-from titan_cp.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = REPO / "assets/tokenizer/tokenizer.json"
@@ -53,16 +53,6 @@ def stream_of(path: Path, tok: Tokenizer) -> torch.Tensor:
     for doc in read_documents(path):
         ids += [tok.bos_id, *tok.encode(doc), tok.eos_id]
     return torch.tensor(ids)
-
-
-def one_line_error(fn, *parts: str) -> str:
-    with pytest.raises(UserError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, message
-    return message
 
 
 # --- tokenizer ---------------------------------------------------------------------------------

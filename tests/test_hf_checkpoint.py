@@ -214,7 +214,7 @@ def test_config_fields_checked_against_a_flavor(hf_model):
     folder, _ = hf_model
     args = load_hf_model(folder).args
     check_hf_config_matches(folder, args)
-    with pytest.raises(UserError, match=r"field 'num_hidden_layers' is 2 but the model flavor has 3"):
+    with pytest.raises(UserError, match=r"field 'num_hidden_layers' is 2 but the model being trained has 3"):
         check_hf_config_matches(folder, dataclasses.replace(args, n_layers=3))
     with pytest.raises(UserError, match=r"field 'rope_scaling'"):
         check_hf_config_matches(folder, dataclasses.replace(args, rope_scaling=None))
@@ -273,7 +273,9 @@ def test_convert_hf_to_dcp_and_back(hf_model, tmp_path, capsys):
     assert main(["hf-to-dcp", str(folder), str(dcp_dir)]) == 0
     saved = json.loads((dcp_dir / "meta.json").read_text())["model_args"]
     assert saved["tie_word_embeddings"] == reference.config.tie_word_embeddings
-    assert main(["dcp-to-hf", str(dcp_dir), str(hf_dir)]) == 0
+    tokenizer = str(Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "tokenizer.json")
+    assert main(["dcp-to-hf", str(dcp_dir), str(hf_dir), "--tokenizer", tokenizer, "--dtype", "float32"]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf_dir.iterdir()}
     exported, original = load_file(hf_dir / "model.safetensors"), reference.state_dict()
     tied = reference.config.tie_word_embeddings
     assert exported.keys() == {k for k in original if not (tied and k == "lm_head.weight")}
@@ -281,7 +283,9 @@ def test_convert_hf_to_dcp_and_back(hf_model, tmp_path, capsys):
         assert torch.equal(tensor, original[name]), name
 
     capsys.readouterr()
-    assert main(["dcp-to-hf", str(dcp_dir), str(tmp_path / "other"), "--flavor", "8B"]) == 2
+    assert main(["dcp-to-hf", str(dcp_dir), str(tmp_path / "other")]) == 2
+    assert "dcp-to-hf needs --tokenizer" in capsys.readouterr().err
+    assert main(["dcp-to-hf", str(dcp_dir), str(tmp_path / "other"), "--tokenizer", tokenizer, "--flavor", "8B"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "tensor 'model.tok_embeddings.weight' has shape [67, 32]" in error
     assert main(["hf-to-dcp", str(folder), str(dcp_dir)]) == 2  # never writes over a checkpoint

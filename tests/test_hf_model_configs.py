@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 
-from tests.hf_utils import save_random_llama
-from titan_cp.checkpoint.hf import load_hf_args, load_hf_model
+from tests.hf_utils import save_random_llama, save_tokenizer_files
+from titan_cp.checkpoint.hf import export_hf, load_hf_args, load_hf_model
+from titan_cp.checkpoint.hf_serving import serving_files
+from titan_cp.data import Tokenizer
 from titan_cp.errors import UserError
 from titan_cp.models.llama3 import TransformerModelArgs
 
-VOCAB, SEQ = 67, 40  # an odd vocabulary; longer than the llama3 scaling's original 16 positions
+VOCAB, SEQ = 2048, 40  # the shipped tokenizer's vocabulary; longer than the llama3 scaling's original 16 positions
 
 VARIANTS = {
     # head_dim 12 with hidden 32 / 4 heads: q/o projections are 48 wide, not 32.
@@ -80,3 +82,27 @@ def test_unsupported_fields_are_named(hf_variant, change, field):
     with pytest.raises(UserError, match=f"field '{field}'") as error:
         TransformerModelArgs.from_hf_config(config)
     assert "\n" not in str(error.value)
+
+
+def test_export_serves_in_transformers(hf_variant, tmp_path):
+    """The exported folder alone: transformers' logits equal titan_cp's, and generate stops and pads."""
+    import transformers
+
+    folder, _ = hf_variant
+    save_tokenizer_files(folder)
+    model = load_hf_model(folder)
+    out = tmp_path / "export"
+    export_hf(model, model.args, out, dtype=torch.float32, serving=serving_files(Tokenizer(folder), folder))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 1, 2)
+
+    served = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(served(tokens).logits, model(tokens), rtol=0, atol=1e-5)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    generated = served.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]

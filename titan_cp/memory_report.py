@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from titan_cp.checkpoint.hf import load_hf_args
 from titan_cp.config import load_config
 from titan_cp.errors import UserError
 from titan_cp.memory import FIXED_OVERHEAD_CUDA, GIB, MemoryEstimate, estimate_for_config, needed_bytes
@@ -97,9 +98,12 @@ def _device_memory(argv: list[str]) -> tuple[int, str, list[str]]:
 def report(argv: list[str]) -> str:
     capacity, where, rest = _device_memory(argv)
     cfg = load_config(rest)
-    if cfg.model.flavor not in llama3_flavors:
+    if cfg.model.hf_assets_path:
+        model_args = load_hf_args(cfg.model.hf_assets_path)
+    elif cfg.model.flavor in llama3_flavors:
+        model_args = llama3_flavors[cfg.model.flavor]
+    else:
         raise UserError(f"model.flavor '{cfg.model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
-    model_args = llama3_flavors[cfg.model.flavor]
     cp = cfg.parallelism.context_parallel_degree
     lines = [f"memory per GPU: {where}; model {cfg.model.flavor}, cp {cp}, local batch {cfg.training.local_batch_size}"]
 

@@ -6,11 +6,13 @@ Every part is handed only the config section it needs.
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_weights
+from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
+from titan_cp.checkpoint.hf_serving import serving_files
 from titan_cp.checkpoint.manager import CheckpointManager
 from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config import JobConfig, load_config
@@ -19,7 +21,8 @@ from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError
 from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
-from titan_cp.models.llama3 import Transformer, llama3_flavors
+from titan_cp.loss import IGNORE_INDEX
+from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.parallel import (
     ParallelDims,
@@ -30,6 +33,9 @@ from titan_cp.parallel import (
 )
 
 
+DEFAULT_TOKENIZER = "assets/tokenizer/tokenizer.json"
+
+
 def set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
     torch.manual_seed(seed)
     if deterministic:
@@ -38,25 +44,134 @@ def set_determinism(seed: int, deterministic: bool, device: torch.device) -> Non
         torch.use_deterministic_algorithms(True)
 
 
+def build_model(model_args: TransformerModelArgs, attention) -> Transformer:
+    """The model on the meta device: shapes only, no memory, ready to convert and parallelize."""
+    with torch.device("meta"):
+        return Transformer(model_args, attention=attention)
+
+
+def materialise_and_init(model: Transformer, device: torch.device, cpu_offload: bool = False) -> None:
+    """Allocate the (sharded) parameters on `device`, initialise them and switch to training mode.
+
+    With CPU offload (training.enable_cpu_offload) FSDP2 keeps the sharded parameters in host
+    memory, so they are allocated there; the buffers still go to `device`.
+    """
+    model.to_empty(device="cpu" if cpu_offload else device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    model.train()
+
+
+def forward_backward(
+    model: Transformer, micro_batches: list, device: torch.device, loss_chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's sharded micro-batches; returns (global loss sum, global count).
+
+    Invariant 4: every rank divides by the number of valid targets over all ranks and all
+    micro-batches of the step, counted on the local shards so each token counts once. Both
+    results are summed over every rank (when a process group exists).
+    """
+    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _, _ in micro_batches)
+    global_count = torch.tensor(local_count, dtype=torch.float64, device=device)
+    distributed = dist.is_initialized()
+    if distributed:
+        dist.all_reduce(global_count)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for tokens, labels, positions, attention_context in micro_batches:
+        tokens, labels, positions = (t.to(device, non_blocking=True) for t in (tokens, labels, positions))
+        micro_loss = model(tokens, positions, attention_context, labels=labels, loss_chunk_size=loss_chunk_size)
+        (micro_loss / global_count.float()).backward()
+        loss_sum += micro_loss.detach()
+    if distributed:
+        dist.all_reduce(loss_sum)
+    return loss_sum, global_count
+
+
 class Trainer:
+    """Built in named steps (see `__init__`), then `train()` runs the loop."""
+
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        self.init_distributed()
+        self.tokenizer = self.build_tokenizer()
+        self.model_args = self.build_model_args()
+        self.cp = self.build_context_parallel()
+        self.check_memory()
+        self.model = build_model(self.model_args, self.cp.attention)
+        self.convert()
+        self.parallelize()
+        materialise_and_init(self.model, self.device, self.cfg.training.enable_cpu_offload)
+        self.print_model_summary()
+        self.optimizer, self.lr_scheduler = self.build_optimizer()
+        self.dataloader = self.build_data()
+        self.checkpoint = self.build_checkpoint()
+        self.step = self.load_checkpoint_or_initial_weights()
+        self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
+        self.metrics = self.build_metrics()
+        self.preemption = PreemptionFlag()
+
+    def init_distributed(self) -> None:
+        """Device, process group, parallel degrees, meshes and seed."""
+        cfg = self.cfg
         self.device = pick_device()
         self.rank, self.world_size = init_distributed(self.device, cfg.comm.init_timeout_seconds)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
-        meshes = self.dims.build_meshes(self.device.type)
-        set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
-
-        training = cfg.training
-        self.grad_accum_steps = self._grad_accum_steps(training)
-        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
-        self.model_args = self._model_args(cfg.model.flavor)
-
-        self.cp = ContextParallel(
-            meshes.cp, cfg.parallelism, cfg.model.attn_implementation, training.sample_packing, self.device
+        self.dims = ParallelDims.from_config(
+            cfg.parallelism, self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         )
-        self.cp.validate(training.seq_len, self.model_args.n_kv_heads)
+        self.meshes = self.dims.build_meshes(self.device.type)
+        set_determinism(cfg.debug.seed, cfg.debug.deterministic, self.device)
+        self.grad_accum_steps = self._grad_accum_steps(cfg.training)
 
+    def build_tokenizer(self) -> Tokenizer:
+        """model.tokenizer_path, else the model.hf_assets_path folder, else the shipped tokenizer."""
+        model = self.cfg.model
+        if model.tokenizer_path:
+            return Tokenizer(model.tokenizer_path)
+        if not model.hf_assets_path:
+            return Tokenizer(DEFAULT_TOKENIZER)
+        if not Path(model.hf_assets_path).is_dir():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: not a folder; expected a Hugging Face model"
+                " folder with config.json and tokenizer files"
+            )
+        if not (Path(model.hf_assets_path) / "tokenizer.json").is_file():
+            raise UserError(
+                f"model.hf_assets_path {model.hf_assets_path}: no tokenizer.json in the folder; set"
+                " model.tokenizer_path to a tokenizer.json file or a Hugging Face tokenizer folder"
+            )
+        return Tokenizer(model.hf_assets_path)
+
+    def build_model_args(self) -> TransformerModelArgs:
+        """The shape from model.hf_assets_path's config.json, else from model.flavor."""
+        model = self.cfg.model
+        if model.hf_assets_path:
+            args = load_hf_args(model.hf_assets_path)
+        elif model.flavor not in llama3_flavors:
+            raise UserError(f"model.flavor '{model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
+        else:
+            args = llama3_flavors[model.flavor]
+        if self.tokenizer.vocab_size > args.vocab_size:
+            raise UserError(
+                f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but model"
+                f" {self._model_source()} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
+            )
+        return args
+
+    def _model_source(self) -> str:
+        hf_assets_path = self.cfg.model.hf_assets_path
+        return f"(shape from {Path(hf_assets_path) / 'config.json'})" if hf_assets_path else self.cfg.model.flavor
+
+    def build_context_parallel(self) -> ContextParallel:
+        cfg = self.cfg
+        cp = ContextParallel(
+            self.meshes.cp, cfg.parallelism, cfg.model.attn_implementation, cfg.training.sample_packing, self.device
+        )
+        cp.validate(cfg.training.seq_len, self.model_args.n_kv_heads, self.model_args.n_heads)
+        return cp
+
+    def check_memory(self) -> None:
+        """Print the per-device memory estimate and refuse a run that cannot fit, before allocating."""
+        cfg = self.cfg
         estimate = estimate_for_config(
             self.model_args,
             cfg,
@@ -70,43 +185,49 @@ class Trainer:
         if not cfg.debug.skip_memory_check:
             check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
-        with torch.device("meta"):
-            self.model = Transformer(self.model_args, attention=self.cp.attention)
+    def convert(self) -> None:
+        """Model converters (for example Float8 linears) swap modules here: on the meta model,
+        before parallelization wraps them. None is configured yet."""
+
+    def parallelize(self) -> None:
+        cfg = self.cfg
         parallelize_llama(
             self.model,
             self.dims,
-            meshes.fsdp,
+            self.meshes.fsdp,
             self.device,
-            training,
+            cfg.training,
             cfg.parallelism,
             cfg.activation_checkpoint,
             cfg.compile,
         )
-        # With CPU offload FSDP2 wants the sharded parameters in host memory; buffers stay on the device.
-        self.model.to_empty(device="cpu" if training.enable_cpu_offload else self.device)
-        with torch.no_grad():
-            self.model.init_weights(buffer_device=self.device)
-        self.model.train()
+
+    def print_model_summary(self) -> None:
         n_params = self.model_args.num_params(exclude_embedding=False)
         print_rank0(
-            f"model llama3 {cfg.model.flavor}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
+            f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.algorithm} ({self.cp.layout}, {self.cp.attn_implementation}); device {self.device}",
+            f" attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, training.steps)
-        self.dataloader = build_dataloader(
-            training,
+    def build_optimizer(self):
+        optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        return optimizer, build_lr_scheduler(optimizer, self.cfg.lr_scheduler, self.cfg.training.steps)
+
+    def build_data(self):
+        return build_dataloader(
+            self.cfg.training,
             self.tokenizer,
             dp_rank=self.dims.dp_rank(self.rank),
             dp_world_size=self.dims.dp,
-            seed=cfg.debug.seed,
+            seed=self.cfg.debug.seed,
         )
-        self.checkpoint = CheckpointManager(
-            cfg.checkpoint,
-            cfg.job.dump_folder,
+
+    def build_checkpoint(self) -> CheckpointManager:
+        return CheckpointManager(
+            self.cfg.checkpoint,
+            self.cfg.job.dump_folder,
             self.model,
             self.optimizer,
             self.lr_scheduler,
@@ -114,19 +235,23 @@ class Trainer:
             dp_rank=self.dims.dp_rank(self.rank),
             model_args=self.model_args,
         )
-        self.step = self.checkpoint.load()
-        if self.step == 0 and cfg.checkpoint.initial_load_path:
-            self._load_initial_weights(cfg.checkpoint)
-        self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
-        self.flops = flops_per_token(
+
+    def load_checkpoint_or_initial_weights(self) -> int:
+        """Resume from the dump folder's checkpoint, or start from step 0 with the initial weights."""
+        step = self.checkpoint.load()
+        if step == 0 and self.cfg.checkpoint.initial_load_path:
+            self._load_initial_weights(self.cfg.checkpoint)
+        return step
+
+    def build_metrics(self) -> MetricsLogger:
+        flops = flops_per_token(
             self.model_args.num_params(exclude_embedding=True),
             self.model_args.n_layers,
             self.model_args.n_heads,
             self.model_args.head_dim,
-            training.seq_len,
+            self.cfg.training.seq_len,
         )
-        self.metrics = MetricsLogger(cfg.job.dump_folder, self.flops, self.device, is_writer=self.rank == 0)
-        self.preemption = PreemptionFlag()
+        return MetricsLogger(self.cfg.job.dump_folder, flops, self.device, is_writer=self.rank == 0)
 
     def _load_initial_weights(self, checkpoint) -> None:
         if not checkpoint.initial_load_in_hf:
@@ -151,42 +276,16 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def _model_args(self, flavor: str):
-        if flavor not in llama3_flavors:
-            raise UserError(f"model.flavor '{flavor}' is not known; valid: {', '.join(llama3_flavors)}")
-        args = llama3_flavors[flavor]
-        if self.tokenizer.vocab_size > args.vocab_size:
-            raise UserError(
-                f"tokenizer {self.cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} tokens but model"
-                f" flavor {flavor} only {args.vocab_size} embeddings; use a matching model.tokenizer_path"
-            )
-        return args
-
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm, tokens)."""
         micro_batches = [self.cp.shard(*next(self.dataloader_iter).as_tuple()) for _ in range(self.grad_accum_steps)]
-        # Invariant 4: every rank divides by the number of valid targets over all ranks and all
-        # micro-batches of the step, counted on the local shards so each token counts once.
-        local_count = sum(int((labels != -100).sum()) for _, labels, _, _ in micro_batches)
-        global_count = torch.tensor(local_count, dtype=torch.float64, device=self.device)
-        dist.all_reduce(global_count)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for tokens, labels, positions, attention_context in micro_batches:
-            tokens, labels, positions = (t.to(self.device, non_blocking=True) for t in (tokens, labels, positions))
-            micro_loss = self.model(
-                tokens,
-                positions,
-                attention_context,
-                labels=labels,
-                loss_chunk_size=self.cfg.training.loss_chunk_size,
-            )
-            (micro_loss / global_count.float()).backward()
-            loss_sum += micro_loss.detach()
+        loss_sum, global_count = forward_backward(
+            self.model, micro_batches, self.device, self.cfg.training.loss_chunk_size
+        )
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
         return (loss_sum / global_count).item(), grad_norm, int(global_count.item())
 
     def _clip_gradients(self) -> float:
@@ -226,7 +325,9 @@ class Trainer:
             self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
-            export_hf(self.model, self.model_args, out_dir)
+            serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
+            dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.cfg.checkpoint.export_dtype]
+            export_hf(self.model, self.model_args, out_dir, dtype=dtype, serving=serving)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
 
 
@@ -237,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         Trainer(cfg).train()
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+        # One rank per node: each node's launcher then reports the line and exits non-zero.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             if error_file:
                 with open(error_file, "w") as f:
                     f.write(f"error: {error}\n")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from titan_cp.checkpoint.hf_serving import SERVING_FILE_NAMES, ServingFiles
 from titan_cp.distributed_tensor import local_region
 from titan_cp.errors import UserError
 from titan_cp.models.llama3.args import TransformerModelArgs
@@ -38,7 +39,7 @@ SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3
 # Files a Hugging Face model folder may hold; export only replaces folders made of these.
-_HF_FOLDER_FILES = {CONFIG_NAME, INDEX_NAME, "generation_config.json"}
+_HF_FOLDER_FILES = {CONFIG_NAME, INDEX_NAME, *SERVING_FILE_NAMES}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -73,7 +74,10 @@ def check_hf_config_matches(path: str | os.PathLike, args: TransformerModelArgs)
         if key in ("max_position_embeddings", "torch_dtype"):
             continue
         if theirs[key] != value:
-            raise UserError(f"{source}: field {key!r} is {theirs[key]!r} but the model flavor has {value!r}")
+            raise UserError(
+                f"{source}: field {key!r} is {theirs[key]!r} but the model being trained has {value!r}"
+                " (from model.hf_assets_path, else model.flavor)"
+            )
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -196,12 +200,14 @@ def export_hf(
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    serving: ServingFiles | None = None,
 ) -> None:
     """Write a Hugging Face LlamaForCausalLM folder (config.json + safetensors) to `out_dir`.
 
     Every rank must call it (FSDP DTensors are gathered collectively); only rank 0 writes.
-    `dtype` casts the weights (None keeps theirs). An existing earlier export at `out_dir` is
-    replaced only after the new one is complete.
+    `dtype` casts the weights (None keeps theirs). `serving` adds the tokenizer files, the
+    special-token ids and generation_config.json, so transformers can generate from the folder.
+    An existing earlier export at `out_dir` is replaced only after the new one is complete.
     """
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     hf_state = to_hf(state, args)
@@ -244,7 +250,7 @@ def export_hf(
 
     if is_writer and error is None:
         try:
-            _finish_export(tmp_dir, out_dir, args, dtype, shards, file_names, sizes)
+            _finish_export(tmp_dir, out_dir, args, dtype, shards, file_names, sizes, serving)
         except OSError as e:
             error = f"{out_dir}: export failed ({e})"
     if is_writer and error is not None:
@@ -260,9 +266,13 @@ def _finish_export(
     shards: list[list[str]],
     file_names: list[str],
     sizes: dict[str, int],
+    serving: ServingFiles | None,
 ) -> None:
-    """Write config.json (and the index when sharded), then swap the folder into place."""
+    """Write config.json (and the index and serving files), then swap the folder into place."""
     config = args.to_hf_config(torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
+    if serving is not None:
+        config.update(serving.token_ids)
+        serving.write(tmp_dir)
     (tmp_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) > 1:
         weight_map = {name: file_name for names, file_name in zip(shards, file_names) for name in names}

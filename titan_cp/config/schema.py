@@ -23,8 +23,17 @@ class Job:
 @dataclass
 class Model:
     name: Literal["llama3"] = option("llama3", "model family")
-    flavor: str = option("debugmodel", "model size: debugmodel, 1B, 8B, 70B or 405B")
-    tokenizer_path: str = option("assets/tokenizer/tokenizer.json", "Hugging Face tokenizer.json file")
+    flavor: str = option(
+        "debugmodel", "model size: debugmodel, 1B, 8B, 70B or 405B; not used when model.hf_assets_path is set"
+    )
+    hf_assets_path: str = option(
+        "", "Hugging Face model folder: the model's shape comes from its config.json, the tokenizer from its files"
+    )
+    tokenizer_path: str = option(
+        "",
+        "Hugging Face tokenizer.json file or tokenizer folder; empty: the model.hf_assets_path folder,"
+        " else assets/tokenizer/tokenizer.json",
+    )
     attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
@@ -104,6 +113,10 @@ class Parallelism:
     data_parallel_replicate_degree: int = option(1, "HSDP replicas (all-reduce dimension)")
     data_parallel_shard_degree: int = option(-1, "FSDP shards; -1 fills the rest of the world size")
     context_parallel_degree: int = option(1, "ranks one sequence is split over")
+    context_parallel_ulysses_degree: int = option(
+        1, "the part of context_parallel_degree that splits attention heads by all-to-all (Ulysses),"
+        " on adjacent ranks of one node; context_parallel_degree / this is the ring (or all-gather) part",
+    )
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = option(
         "default", "free gathered parameters after forward: default lets FSDP decide per module"
     )
@@ -132,7 +145,10 @@ class Checkpoint:
     load_step: int = option(-1, "step to resume from; -1 resumes from the latest complete one")
     initial_load_path: str = option("", "weights to start from when no checkpoint exists yet")
     initial_load_in_hf: bool = option(False, "initial_load_path is a Hugging Face safetensors folder")
-    last_save_in_hf: bool = option(False, "also export the final weights as a Hugging Face folder")
+    last_save_in_hf: bool = option(
+        False, "also export the final weights, config and tokenizer as a Hugging Face folder (dump_folder/hf)"
+    )
+    export_dtype: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the exported Hugging Face weights")
 
 
 @dataclass

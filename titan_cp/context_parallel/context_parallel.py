@@ -8,6 +8,8 @@ an `attention(q, k, v, attention_context)` entry point:
 - packing (any cp), or ring_attn_func = varlen_llama3: all-gather K/V varlen attention over the
   documents, which are found from the positions (a document starts where the position is 0).
 The batch ring is not document-aware, so it refuses packed batches (DESIGN.md invariant 5).
+With parallelism.context_parallel_ulysses_degree = u > 1 the cp mesh is (cp_ring, ulysses): the
+Ulysses all-to-all (ulysses.py) wraps whichever of the above runs over the cp / u ring ranks.
 """
 
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from titan_cp.config.schema import Parallelism
 from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
 from titan_cp.context_parallel.ring_attention import ring_attention
 from titan_cp.context_parallel.sharding import Layout, shard, validate_seq_len
+from titan_cp.context_parallel.ulysses import kv_copies, ulysses_attention, validate_ulysses
 from titan_cp.errors import UserError
 
 Algorithm = Literal["local", "batch_ring", "varlen_llama3"]
@@ -49,8 +52,19 @@ class ContextParallel:
         device: torch.device,
     ) -> None:
         self.cp = cp_mesh.size() if cp_mesh is not None else 1
-        self.rank = cp_mesh.get_local_rank() if cp_mesh is not None else 0
-        self.group = cp_mesh.get_group() if cp_mesh is not None and self.cp > 1 else None
+        # With Ulysses the cp mesh is 2-D, (cp_ring, ulysses) (ParallelDims.build_meshes).
+        with_ulysses = cp_mesh is not None and parallelism.context_parallel_ulysses_degree > 1
+        ulysses_mesh = cp_mesh["ulysses"] if with_ulysses else None
+        ring_mesh = cp_mesh["cp_ring"] if ulysses_mesh is not None else cp_mesh
+        self.ulysses = ulysses_mesh.size() if ulysses_mesh is not None else 1
+        self.ulysses_rank = ulysses_mesh.get_local_rank() if ulysses_mesh is not None else 0
+        self.ulysses_group = ulysses_mesh.get_group() if ulysses_mesh is not None else None
+        self.ulysses_note = ""
+        self.ring = self.cp // self.ulysses
+        self.ring_rank = ring_mesh.get_local_rank() if ring_mesh is not None else 0
+        # The ring (or all-gather) group; None when there is no ring part.
+        self.group = ring_mesh.get_group() if self.ring > 1 else None
+        self.rank = self.ring_rank * self.ulysses + self.ulysses_rank
         self.sample_packing = sample_packing
         self.heads_k_stride = parallelism.heads_k_stride
         self.requested_algorithm = parallelism.ring_attn_func
@@ -67,11 +81,20 @@ class ContextParallel:
             # Packed documents need document masks, which only the varlen path honours; a
             # batch_ring request with packing is refused in validate().
             return "varlen_llama3"
-        return "local" if self.cp == 1 else "batch_ring"
+        return "local" if self.ring == 1 else "batch_ring"
 
-    def validate(self, seq_len: int, n_kv_heads: int) -> None:
-        """Raise UserError for a combination that cannot run; call once before training."""
-        if self.sample_packing and self.cp > 1 and self.requested_algorithm == "batch_ring":
+    def validate(self, seq_len: int, n_kv_heads: int, n_heads: int | None = None) -> None:
+        """Raise UserError for a combination that cannot run; call once before training.
+
+        `n_heads` (the query heads) is needed with Ulysses.
+        """
+        if self.ulysses > 1:
+            if n_heads is None:
+                raise ValueError("validate() needs n_heads when the Ulysses degree is above 1")
+            self.ulysses_note = validate_ulysses(self.ulysses, n_heads, n_kv_heads)
+            # The local attention sees the KV heads this rank received.
+            n_kv_heads = n_kv_heads * kv_copies(self.ulysses, n_kv_heads) // self.ulysses
+        if self.sample_packing and self.ring > 1 and self.requested_algorithm == "batch_ring":
             raise UserError(
                 "parallelism.ring_attn_func = batch_ring cannot mask packed documents"
                 " (training.sample_packing = true); use auto or varlen_llama3"
@@ -79,9 +102,17 @@ class ContextParallel:
         if self.heads_k_stride < 1 or n_kv_heads % self.heads_k_stride != 0:
             raise UserError(
                 f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
-                f" {n_kv_heads} KV heads"
+                f" {n_kv_heads} KV heads" + (" per Ulysses rank" if self.ulysses > 1 else "")
             )
         validate_seq_len(seq_len, self.cp, self.layout)
+
+    def describe(self) -> str:
+        """The attention that runs, for the startup log (after validate)."""
+        inner = f"{self.algorithm} ({self.layout}, {self.attn_implementation})"
+        if self.ulysses == 1:
+            return inner
+        across = f" over {self.ring} ring ranks" if self.ring > 1 else ""
+        return f"ulysses {self.ulysses} + {inner}{across}; {self.ulysses_note}"
 
     def shard(
         self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
@@ -98,8 +129,17 @@ class ContextParallel:
         context = AttentionContext(layout=self.layout, cu_seqlens=cu_seqlens)
         if self.cp == 1:
             return tokens, labels, positions, context
-        parts = (shard(x, self.rank, self.cp, self.layout) for x in (tokens, labels, positions))
+        parts = (self.shard_sequence(x) for x in (tokens, labels, positions))
         return (*parts, context)
+
+    def shard_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full `[B, S, ...]` tensor along dim 1.
+
+        With Ulysses: the ring rank's shard in the layout, then this rank's contiguous part of it,
+        so that the all-to-all puts the ring shard back together in order.
+        """
+        x = shard(x, self.ring_rank, self.ring, self.layout)
+        return shard(x, self.ulysses_rank, self.ulysses, "contiguous") if self.ulysses > 1 else x
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_context: AttentionContext
@@ -108,6 +148,16 @@ class ContextParallel:
 
         q `[B, S_local, Hq, D]`, k/v `[B, S_local, Hkv, D]` -> `[B, S_local, Hq, D]`.
         """
+        if self.ulysses > 1:
+            return ulysses_attention(
+                q, k, v, self.ulysses_group, lambda q, k, v: self._ring_attention(q, k, v, attention_context)
+            )
+        return self._ring_attention(q, k, v, attention_context)
+
+    def _ring_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_context: AttentionContext
+    ) -> torch.Tensor:
+        """Attention over the ring ranks (all cp ranks without Ulysses)."""
         if attention_context.cu_seqlens is not None:
             from titan_cp.context_parallel.varlen_attention import varlen_llama3_attention
 
@@ -115,7 +165,7 @@ class ContextParallel:
             return varlen_llama3_attention(
                 q, k, v, cu_seqlens, self.group, self.heads_k_stride, self.attn_implementation
             )
-        if self.cp == 1:
+        if self.ring == 1:
             return local_attention(q, k, v, self.kernel, causal=True)
         if self.attn_implementation == "flash_attn":
             from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attention

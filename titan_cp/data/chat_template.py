@@ -9,7 +9,8 @@ sort_keys), a `dict` that can only build dicts, and a `namespace` that refuses u
 The template sees `messages` (keys whose value is None removed; a message's reasoning under
 `reasoning_content`, `thinking` or `reasoning` is given under `thinking` and
 `reasoning_content` too), `tools=None`, `documents=None`, `add_generation_prompt` and the
-tokenizer's named special tokens (`bos_token`, `eos_token`, ...: those its config sets).
+tokenizer's named special tokens (`bos_token`, `eos_token`, ... and other `*_token` keys: those
+its config sets).
 The rendered text is then tokenized without adding special tokens.
 """
 

@@ -57,6 +57,7 @@ _REQUIRED = {  # format: the fields its records need, as (key, description)
     "text": (("text", "a string"),),
 }
 _ASSISTANT = "assistant"
+REASONING_END = "</think>"
 
 Span = tuple[int, int]
 
@@ -136,12 +137,14 @@ class Encoder:
             texts.append(text)
             spans.append(record_spans)
             plain.append(is_plain)
-        out = []
-        for (ids, offsets), record_spans, is_plain in zip(
-            self.tokenizer.encode_batch_with_offsets(texts), spans, plain
-        ):
-            out.append(self._document(ids, offsets, record_spans, is_plain, train_on_inputs))
-        return out
+        if train_on_inputs:  # every token is a target: no spans to place, no offsets needed
+            return [self._all_targets(ids, is_plain) for ids, is_plain in zip(self.tokenizer.encode_batch(texts), plain)]
+        return [
+            self._document(ids, offsets, record_spans, is_plain)
+            for (ids, offsets), record_spans, is_plain in zip(
+                self.tokenizer.encode_batch_with_offsets(texts), spans, plain
+            )
+        ]
 
     # --- format and fields -------------------------------------------------------------------
 
@@ -165,7 +168,7 @@ class Encoder:
             other = detect_format(data)
             if other is not None and other != self.format:
                 raise UserError(
-                    f"training.dataset_path: {record.where} is a {other} record in a {self.format} dataset"
+                    f"training.dataset_path: {record.where} is a record of format {other} in a dataset of format {self.format}"
                     f" ({self._decided_at}); a dataset holds one format"
                 )
             found = "missing" if key not in data else f"a {type(value).__name__}"
@@ -228,18 +231,26 @@ class Encoder:
 
     # --- tokens and mask ---------------------------------------------------------------------
 
-    def _document(
-        self, ids: list[int], offsets: list[Span], spans: list[Span], plain: bool, train_on_inputs: bool
-    ) -> tuple[list[int], list[bool]]:
-        tok = self.tokenizer
+    def _all_targets(self, ids: list[int], plain: bool) -> tuple[list[int], list[bool]]:
+        if not ids:
+            return [], []
         if plain:
-            if not ids:
-                return [], []
-            head = [] if tok.bos_id is None else [tok.bos_id]
-            ids = head + ids + [tok.eos_id]
+            ids = self._head() + ids + [self.tokenizer.eos_id]
+        return ids, [False] + [True] * (len(ids) - 1)
+
+    def _head(self) -> list[int]:
+        return [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+
+    def _document(
+        self, ids: list[int], offsets: list[Span], spans: list[Span], plain: bool
+    ) -> tuple[list[int], list[bool]]:
+        """ids (with BOS/EOS around plain text) and the mask of the tokens the spans cover."""
+        if not ids:
+            return [], []
+        if plain:
+            head = self._head()
+            ids = head + ids + [self.tokenizer.eos_id]
             offsets = [(0, 0)] * len(head) + offsets + [(offsets[-1][1], offsets[-1][1])]
-        if train_on_inputs:
-            return ids, [False] + [True] * (len(ids) - 1)
         mask = [False] * len(ids)
         starts = [start for start, _ in offsets]
         ends = [end for _, end in offsets]
@@ -247,11 +258,10 @@ class Encoder:
             end = ends[-1] if end < 0 else end
             first = bisect.bisect_right(ends, start)  # first token ending after the span starts
             stop = bisect.bisect_left(starts, end, lo=first)  # first token starting at or after its end
-            if first >= stop:
-                continue
-            # The span's tokens and the one after them, the token that ends the turn.
-            for i in range(first, min(stop + 1, len(ids))):
-                mask[i] = True
+            if first < stop:
+                # The span's tokens and the one after them, the token that ends the turn.
+                last = min(stop + 1, len(ids))
+                mask[first:last] = [True] * (last - first)
         mask[0] = False
         return ids, mask
 
@@ -280,8 +290,10 @@ def _assistant_spans(record: Record, messages: list[dict], text: str) -> list[Sp
     Messages are found in order, each searched from where the previous one ended, so an answer
     that repeats its question is found in the answer. The search is for the stripped content
     (templates often `trim` it), then widened to the whitespace around it where the template
-    kept that. A message that does not appear (a template that rewrites it) is skipped unless it
-    is an assistant's, which is an error: its targets would be unknown.
+    kept that; content with "</think>" that is not found whole is searched for by its part after
+    the last "</think>" (reasoning templates drop the reasoning of earlier turns). A message that
+    does not appear (a template that rewrites it) is skipped unless it is an assistant's, which
+    is an error: its targets would be unknown.
     """
     spans = []
     cursor = 0
@@ -291,6 +303,11 @@ def _assistant_spans(record: Record, messages: list[dict], text: str) -> list[Sp
             continue
         core = content.strip()
         at = text.find(core, cursor)
+        if at < 0 and REASONING_END in content:
+            # Reasoning templates drop an answer's "<think>...</think>" part: the answer is the rest.
+            content = content.split(REASONING_END)[-1]
+            core = content.strip()
+            at = text.find(core, cursor) if core else -1
         if at < 0:
             if message["role"] == _ASSISTANT:
                 raise UserError(

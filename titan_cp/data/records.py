@@ -22,6 +22,7 @@ data). Suffixes:
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,8 @@ def iter_file(file: Path) -> Iterator[Record]:
 def _lines(file: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line, decoded as UTF-8; binary reads split at b"\\n" only."""
     offset = 0
-    with gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb") as f:
-        try:
+    try:
+        with gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 try:
                     yield number, raw.decode("utf-8")
@@ -106,8 +107,10 @@ def _lines(file: Path) -> Iterator[tuple[int, str]]:
                         f" (invalid byte 0x{raw[e.start]:02x} at byte offset {offset + e.start})"
                     ) from None
                 offset += len(raw)
-        except (gzip.BadGzipFile, EOFError, OSError) as e:
-            raise UserError(f"{KEY}: {file} is not a readable gzip file ({e})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{KEY}: {file} is not a readable gzip file ({e})") from None
+    except OSError as e:
+        raise UserError(f"{KEY}: {file} cannot be read ({e.strerror or e})") from None
 
 
 def _jsonl(file: Path) -> Iterator[Record]:

@@ -26,7 +26,7 @@ from titan_cp.errors import UserError
 BOS_NAMES = ("<|begin_of_text|>", "<s>")
 EOS_NAMES = ("<|end_of_text|>", "</s>")
 PAD_NAMES = ("<|pad|>", "<pad>")
-# The named special tokens transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+# The standard named special tokens (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -47,7 +47,8 @@ class Tokenizer:
         else:
             raise UserError(f"model.tokenizer_path: tokenizer file {self.path} does not exist")
         self._tok = _load_tokenizer_json(tokenizer_file)
-        self.files: list[Path] = [tokenizer_file]  # every file read; an export copies them
+        # Every file read, the tokenizer.json first (whatever its name); an export copies them.
+        self.files: list[Path] = [tokenizer_file]
         config = self._read_config() if self.path.is_dir() else {}
         self.chat_template: str | None = None
         self.chat_template_source: Path | None = None  # the file the template was read from
@@ -56,12 +57,16 @@ class Tokenizer:
             if self.chat_template_source is not None and self.chat_template_source not in self.files:
                 self.files.append(self.chat_template_source)
 
-        # The named tokens the config sets, as transformers passes them to a chat template.
+        # The named tokens the config sets, as transformers passes them to a chat template: the
+        # standard names, then any other `*_token` key holding a token (e.g. `image_token`).
         self.special_tokens: dict[str, str] = {
             name: self._token_content(config[name], name)
             for name in TEMPLATE_TOKEN_NAMES
             if config.get(name) is not None
         }
+        for name, value in config.items():
+            if name.endswith("_token") and name not in self.special_tokens and _is_token(value):
+                self.special_tokens[name] = self._token_content(value, name)
         self.bos_token: str | None = self._named("bos_token", BOS_NAMES, config)
         if self.bos_token is None and "bos_token" not in config:
             raise UserError(
@@ -79,8 +84,8 @@ class Tokenizer:
         self.bos_id: int | None = None if self.bos_token is None else self._id_of(self.bos_token)
         self.eos_id: int = self._id_of(self.eos_token)
         self.pad_id: int = self._id_of(self.pad_token)
-        # What `tokenizer(text)` adds in transformers; titan_cp's own documents always get BOS and
-        # EOS (docs/chat_data.md), these are kept for exports and plain prompt formats.
+        # The config's wish for `tokenizer(text)`, kept for exports; titan_cp's plain documents
+        # always get BOS (where there is one) and EOS, which ends a document (docs/chat_data.md).
         self.add_bos_token: bool = bool(config.get("add_bos_token", self.bos_id is not None))
         self.add_eos_token: bool = bool(config.get("add_eos_token", False))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
@@ -161,6 +166,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)
 
 
 def _load_tokenizer_json(file: Path) -> HFTokenizer:

@@ -1,7 +1,10 @@
 """The degrees of parallelism and the device meshes built from them.
 
 World ranks are laid out row-major over (dp_replicate, dp_shard, cp): the cp ranks of one
-sequence are neighbours, so on one host they share the fastest links.
+sequence are neighbours, so on one host they share the fastest links. With Ulysses the cp
+dimension is itself split row-major into (cp_ring, ulysses): a Ulysses group is `ulysses` adjacent
+ranks, inside one node when the node's process count is a multiple of it, and the ring (or
+all-gather) runs between the groups, across nodes when cp spans several.
 """
 
 from dataclasses import dataclass
@@ -17,16 +20,22 @@ class ParallelDims:
     dp_shard: int
     cp: int
     world_size: int
+    ulysses: int = 1
 
     @classmethod
-    def from_config(cls, parallelism, world_size: int) -> "ParallelDims":
-        """Resolve `data_parallel_shard_degree = -1` and check that the degrees fill the world."""
+    def from_config(cls, parallelism, world_size: int, processes_per_node: int | None = None) -> "ParallelDims":
+        """Resolve `data_parallel_shard_degree = -1` and check that the degrees fill the world.
+
+        `processes_per_node` (torchrun's LOCAL_WORLD_SIZE; None: one node) places the Ulysses groups.
+        """
         dp_replicate = parallelism.data_parallel_replicate_degree
         cp = parallelism.context_parallel_degree
         dp_shard = parallelism.data_parallel_shard_degree
+        ulysses = parallelism.context_parallel_ulysses_degree
         for key, value in (
             ("data_parallel_replicate_degree", dp_replicate),
             ("context_parallel_degree", cp),
+            ("context_parallel_ulysses_degree", ulysses),
         ):
             if value < 1:
                 raise UserError(f"parallelism.{key} = {value}: must be >= 1")
@@ -45,7 +54,8 @@ class ParallelDims:
                 f" = {dp_replicate * dp_shard * cp}, but the world size is {world_size} (NGPU);"
                 " they must be equal"
             )
-        return cls(dp_replicate, dp_shard, cp, world_size)
+        _check_ulysses(ulysses, cp, processes_per_node or world_size)
+        return cls(dp_replicate, dp_shard, cp, world_size, ulysses)
 
     @property
     def dp(self) -> int:
@@ -77,12 +87,44 @@ class ParallelDims:
             )
         else:
             fsdp = init_device_mesh(device_type, (self.dp_shard * self.cp,), mesh_dim_names=("dp_shard_cp",))
-        return Meshes(world=world, cp=world["cp"] if self.cp > 1 else None, fsdp=fsdp)
+        return Meshes(world=world, cp=self._cp_mesh(world, device_type), fsdp=fsdp)
+
+    def _cp_mesh(self, world: DeviceMesh, device_type: str) -> DeviceMesh | None:
+        """The cp ranks of this rank's sequence: 1-D ("cp"), or 2-D ("cp_ring", "ulysses")."""
+        if self.cp == 1:
+            return None
+        if self.ulysses == 1:
+            return world["cp"]
+        # The same row-major ranks with cp split in two, so cp rank = ring rank * ulysses + ulysses rank.
+        split = init_device_mesh(
+            device_type,
+            (self.dp_replicate * self.dp_shard, self.cp // self.ulysses, self.ulysses),
+            mesh_dim_names=("dp", "cp_ring", "ulysses"),
+        )
+        return split["cp_ring", "ulysses"]
+
+
+def _check_ulysses(ulysses: int, cp: int, processes_per_node: int) -> None:
+    key = "parallelism.context_parallel_ulysses_degree"
+    if cp % ulysses:
+        raise UserError(
+            f"{key} {ulysses} must divide parallelism.context_parallel_degree {cp}"
+            " (the rest of cp is the ring part)"
+        )
+    if processes_per_node % ulysses:
+        raise UserError(
+            f"{key} {ulysses} cannot place its groups on nodes of {processes_per_node} processes:"
+            " a Ulysses group is that many adjacent ranks on one node, so it must divide the processes"
+            " per node (torchrun --nproc-per-node, NGPU)"
+        )
 
 
 @dataclass
 class Meshes:
-    """`world` has dims (dp_replicate, dp_shard, cp); the loss reduces over all of it (dp x cp)."""
+    """`world` has dims (dp_replicate, dp_shard, cp); the loss reduces over all of it (dp x cp).
+
+    `cp` is None at cp = 1, 1-D ("cp") without Ulysses and 2-D ("cp_ring", "ulysses") with it.
+    """
 
     world: DeviceMesh
     cp: DeviceMesh | None

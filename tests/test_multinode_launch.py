@@ -1,0 +1,100 @@
+"""Two launches of `scripts/run_train.sh` on 127.0.0.1 act as two nodes (torchrun static rendezvous).
+
+`scripts/slurm_train.sbatch` starts them, with stand-ins for `srun` (one task per node of a
+two-node allocation, all on this host) and `scontrol` (node 0 is 127.0.0.1). One process per
+"node" and cp = 2, so the ring crosses between the nodes: the per-step losses equal one process
+without cp (the hybrid Ulysses x ring math is checked against cp = 1 in
+tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
+line, and a multi-node setting without a rendezvous address is refused before torchrun starts.
+"""
+
+import os
+import subprocess
+
+from tests.dist_utils import free_port
+from tests.train_utils import REPO, TINY, assert_close_losses, read_metrics, train_losses
+
+STEPS = ["--training.steps", "3", "--training.local_batch_size", "1", "--training.global_batch_size", "1"]
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+
+
+def _two_nodes(dump_folder, *overrides: str) -> list[subprocess.CompletedProcess]:
+    """Start node 1 and node 0 of one job (NNODES=2, one process each, MASTER_ADDR=127.0.0.1)."""
+    port = str(free_port())
+    launches = []
+    for node in (1, 0):
+        env = {**os.environ, "NGPU": "1", "OMP_NUM_THREADS": "1", "NNODES": "2",
+               "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        launches.append(subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
+             "--job.dump_folder", str(dump_folder), *TINY, *STEPS, *overrides],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    results = []
+    for launch in launches:
+        try:
+            stdout, stderr = launch.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in launches:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr))
+    return results
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: the command once per node of the allocation, all on this host.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+  SLURM_NODEID=$node "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\n"
+
+
+def _slurm_job(tmp_path, dump_folder, *overrides: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "NGPU": "1",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm_train.sbatch"), "train_configs/debug_model.toml",
+         "--job.dump_folder", str(dump_folder), *TINY, *STEPS, *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_two_localhost_nodes_give_the_losses_of_one_process(tmp_path):
+    reference = train_losses(tmp_path / "one", *STEPS)
+    result = _slurm_job(tmp_path, tmp_path / "two", *CP2)
+    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    # Both nodes joined one world of 2 (rank 1 is the other node's only process).
+    assert "world 2 = dp_replicate 1 x dp_shard 1 x cp 2" in result.stdout, result.stdout[-2000:]
+    assert_close_losses([r["loss"] for r in read_metrics(tmp_path / "two")], reference, rtol=1e-5)
+
+
+def test_ulysses_group_larger_than_a_node_is_refused_on_every_node(tmp_path):
+    for result in _two_nodes(tmp_path, *CP2, "--parallelism.context_parallel_ulysses_degree", "2"):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "cannot place its groups on nodes of 1 processes" in lines[-1], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_multi_node_without_an_address_is_refused(tmp_path):
+    result = subprocess.run(
+        ["bash", "scripts/run_train.sh", "--job.dump_folder", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in {**os.environ, "NNODES": "2", "NODE_RANK": "0"}.items() if k != "MASTER_ADDR"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: NNODES=2 needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT"
