@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+# Private module path, but the documented way to see every op's output (torch has no public
+# alias); if it moves, the import fails loudly and the tiling test with it.
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_cp.models.llama3.args import llama3_flavors

@@ -299,12 +299,12 @@ def estimate_memory(
 
     tiled = 0 < mlp_chunk_size < local_tokens
     kept = local_tokens * _kept_bytes_per_token(model_args, act, ac_mode, tiled)
-    # Offloaded, a block's saved tensors leave the device once copied; in backward the block
-    # running and the one being fetched back are on the device (in forward, the one computing
-    # and the one still copying out).
+    # Offloaded, every block's saved tensors are copied to the host and leave the device once
+    # copied; in backward the block running and the one being fetched back are on the device
+    # (in forward, the one computing and the one still copying out).
     blocks_on_device = min(model_args.n_layers, 2) if activation_offload else model_args.n_layers
     if activation_offload:
-        host += (model_args.n_layers - blocks_on_device) * kept
+        host += model_args.n_layers * kept
     dim = model_args.dim
     # Shared by all blocks for the whole step: RoPE's fp32 cos/sin tables.
     rope = local_tokens * 2 * model_args.head_dim * FP32

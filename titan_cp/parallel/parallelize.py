@@ -1,8 +1,10 @@
 """Apply activation checkpointing, compile and FSDP2 to a Llama built on the meta device.
 
-The order is fixed (torchtitan's): activation checkpointing, then compile, then FSDP, each per
-transformer block. Context parallelism needs no module rewrite here: the model was handed the
-context-parallel attention entry point when it was built.
+The order is fixed (torchtitan's): activation checkpointing (with the feed-forward's sequence
+tiling), activation offload, then compile, then FSDP, each per transformer block. Offload wraps
+outside checkpointing so that the checkpoint's saved inputs pass through its hooks. Context
+parallelism needs no module rewrite here: the model was handed the context-parallel attention
+entry point when it was built.
 """
 
 from functools import wraps
