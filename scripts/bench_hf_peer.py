@@ -7,10 +7,13 @@ peer for titan_cp's end-to-end figures, run on the same GPU in the same session.
 The peer is what an HF-based trainer (the HF Trainer, axolotl) runs on one GPU: LlamaForCausalLM
 built from titan_cp's flavor (same shapes, vocabulary, RoPE scaling, tied embeddings; the
 script refuses to run if the parameter counts differ), fp32 weights under bf16 autocast, SDPA
-attention, fused AdamW, gradient clipping at 1.0, the loss over full-vocabulary logits, and HF's
-gradient checkpointing with --activation-checkpointing. Tokens are synthetic (uniform over the
-vocabulary); tokens/s = tokens per step / median step time after --warmup steps. titan_cp on
-the same shapes (docs/performance.md):
+attention, fused AdamW, gradient clipping at 1.0, HF's gradient checkpointing with
+--activation-checkpointing, and with --liger the loss through Liger kernel's fused linear
+cross-entropy (`pip install liger-kernel`, triton: CUDA only), which never holds the
+full-vocabulary logits; without it, HF's own loss over full logits. Long-context HF users run
+both (the HF Trainer's `gradient_checkpointing` and `use_liger_kernel`). Tokens are synthetic
+(uniform over the vocabulary); tokens/s = tokens per step / median step time after --warmup
+steps. titan_cp on the same shapes (docs/performance.md):
 
     NGPU=1 ./scripts/run_train.sh train_configs/debug_model.toml --model.flavor 1B \
         --training.seq_len 16384 --training.local_batch_size 1 --training.steps 10
@@ -37,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true", help="HF gradient checkpointing")
+    p.add_argument("--liger", action="store_true", help="Liger kernel's fused linear cross-entropy loss")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the result as JSON here")
@@ -58,6 +62,24 @@ def build_peer(flavor: str, device: torch.device):
     return model, theirs
 
 
+def liger_loss():
+    """Liger's fused linear cross-entropy (mean over targets, -100 ignored), or a one-line exit."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise SystemExit("--liger needs liger-kernel (pip install liger-kernel; it runs on CUDA through triton)") from None
+    return LigerFusedLinearCrossEntropyLoss()
+
+
+def causal_lm_loss(model, tokens: torch.Tensor, fused_loss=None) -> torch.Tensor:
+    """Next-token loss of `tokens` as HF computes it, or through `fused_loss(weight, hidden, targets)`,
+    which takes the hidden states and the output projection instead of materialised logits."""
+    if fused_loss is None:
+        return model(input_ids=tokens, labels=tokens).loss
+    hidden = model.model(input_ids=tokens).last_hidden_state[:, :-1]
+    return fused_loss(model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -66,13 +88,14 @@ def main(argv=None) -> dict:
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    fused_loss = liger_loss() if args.liger else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     vocab = model.config.vocab_size
     tokens = torch.randint(vocab, (args.batch, args.seq_len), device=device)
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            loss = causal_lm_loss(model, tokens, fused_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -96,7 +119,8 @@ def main(argv=None) -> dict:
         result.update(
             status="ok",
             peer="transformers LlamaForCausalLM (sdpa, bf16 autocast, fp32 weights"
-            + (", gradient checkpointing)" if args.activation_checkpointing else ")"),
+            + (", gradient checkpointing" if args.activation_checkpointing else "")
+            + (", Liger fused linear cross-entropy)" if args.liger else ")"),
             step_ms=step_s * 1e3,
             tokens_per_s=args.batch * args.seq_len / step_s,
             peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -15,11 +15,12 @@ Ulysses all-to-alls exposed. A layout must fit in memory by titan_cp's own estim
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from titan_cp.context_parallel.ulysses import kv_copies  # noqa: E402
 from titan_cp.memory import GIB, count_params, estimate_memory  # noqa: E402
 from titan_cp.metrics import flops_per_token  # noqa: E402
 from titan_cp.models.llama3 import llama3_flavors  # noqa: E402
@@ -106,7 +107,7 @@ def _attention_block(args, seq_len: int, layout: Layout, cluster: Cluster, rates
     exposed_fwd = exposed_bwd = 0.0
     ring = layout.ring
     if ring > 1:
-        copies = layout.ulysses // _gcd(layout.ulysses, kv_heads)
+        copies = kv_copies(layout.ulysses, kv_heads)
         kv_bytes = 2 * (seq_len / ring) * (kv_heads * copies / layout.ulysses) * head_dim * BF16
         dkv_bytes = kv_bytes * (1 if ring <= 2 else FP32 / BF16)
         bandwidth = cluster.bandwidth(crosses_nodes=layout.cp > cluster.gpus_per_node)
@@ -120,31 +121,29 @@ def _attention_block(args, seq_len: int, layout: Layout, cluster: Cluster, rates
         bwd += exposed_bwd + ring * rates.per_ring_step_s * 5 / 7
     a2a = 0.0
     if layout.ulysses > 1:
-        copies = layout.ulysses // _gcd(layout.ulysses, kv_heads)
+        copies = kv_copies(layout.ulysses, kv_heads)
         # q, k, v in and the output back; the same again for the gradients.
         elements = (seq_len / layout.cp) * (2 * heads + 2 * kv_heads * copies) * head_dim
         leaving = elements * BF16 * (layout.ulysses - 1) / layout.ulysses
         a2a = 2 * leaving / cluster.bandwidth(crosses_nodes=False)
-    recompute = 1 if ac == "full" else 0  # full checkpointing runs the attention forward twice
-    exposed = (exposed_fwd * (1 + recompute) + exposed_bwd)
-    ulysses = a2a * (1 + recompute / 2)
+    # Full checkpointing runs the attention forward twice; full_except_attention keeps its output.
+    recompute = 1 if ac == "full" else 0
+    exposed = exposed_fwd * (1 + recompute) + exposed_bwd
+    ulysses = a2a * (1 + recompute / 2)  # a2a is forward + backward alike: recompute repeats half
     return fwd * (1 + recompute) + bwd + ulysses, exposed, ulysses
 
 
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
-
-
-def predict(flavor: str, seq_len: int, layout: Layout, cluster: Cluster, rates: Rates, ac: str = "full") -> Prediction:
+def predict(
+    flavor: str, seq_len: int, layout: Layout, cluster: Cluster, rates: Rates, ac: str = "full"
+) -> Prediction:
     """Step time of one sequence of `seq_len` tokens on a cp group, per GPU (dp fills the rest)."""
     args = llama3_flavors[flavor]
     counts = count_params(args)
     local = seq_len / layout.cp
     matmul = rates.matmul_tflops * 1e12
     # Forward 2, backward 4 FLOPs per parameter and token; checkpointing repeats forward work.
-    recompute = {"full": 2.0, "selective": 2.0 * 3 * args.dim * args.ffn_hidden_dim / counts.per_block, "none": 0.0}[ac]
+    swiglu_share = 3 * args.dim * args.ffn_hidden_dim / counts.per_block
+    recompute = {"full": 2.0, "full_except_attention": 2.0, "selective": 2.0 * swiglu_share, "none": 0.0}[ac]
     block_matmul = (6 + recompute) * counts.per_block * local / matmul
     # The output projection (tied or not), recomputed once by the chunked loss.
     output = 8 * args.vocab_size * args.dim * local / matmul
@@ -154,7 +153,8 @@ def predict(flavor: str, seq_len: int, layout: Layout, cluster: Cluster, rates: 
     blocks = args.n_layers
     step = blocks * (block_matmul + attention + per_token) + output
     ideal = blocks * (block_matmul + ideal_attention / layout.cp + per_token) + output
-    flops = flops_per_token(counts.non_embedding, blocks, args.n_heads, args.head_dim, seq_len).causal
+    non_embedding = args.num_params(exclude_embedding=True)
+    flops = flops_per_token(non_embedding, blocks, args.n_heads, args.head_dim, seq_len).causal
     memory = estimate_memory(
         args, seq_len=seq_len, local_batch_size=1, dp_shard_cp=cluster.gpus, cp=layout.cp, ac_mode=ac,
         param_dtype_bytes=BF16, loss_chunk_size=4096,
@@ -190,7 +190,10 @@ def plan(flavor: str, seq_len: int, cluster: Cluster, rates: Rates, cp: int | No
     for degree in candidates:
         if seq_len % (2 * degree):
             continue
-        predictions = [predict(flavor, seq_len, layout, cluster, rates, ac) for layout in layouts(degree, heads, cluster.gpus_per_node)]
+        predictions = [
+            predict(flavor, seq_len, layout, cluster, rates, ac)
+            for layout in layouts(degree, heads, cluster.gpus_per_node)
+        ]
         fitting = [p for p in predictions if p.fits]
         if fitting or cp:
             best = max(fitting, key=lambda p: p.tokens_per_gpu_s) if fitting else None
@@ -209,6 +212,8 @@ MEASURED_E2E = [
     ("1B 16K 1 GPU, no checkpointing", "1B", 16384, 1, "none", 33508.0),
     ("1B 64K 1 GPU, selective", "1B", 65536, 1, "selective", 17668.0),
     ("1B 16K cp=2 (bf16 parity run), no checkpointing", "1B", 16384, 2, "none", 30090.0),
+    ("1B 64K 1 GPU, full_except_attention, compiled", "1B", 65536, 1, "full_except_attention", 18848.0),
+    ("1B 128K 1 GPU, full_except_attention, compiled", "1B", 131072, 1, "full_except_attention", 11442.0),
 ]
 # (what, seq_len, cp, measured efficiency against one GPU at the local length): attention only,
 # 32 query / 8 KV heads x 128, cuDNN.
@@ -223,7 +228,7 @@ ONE_H200 = Cluster(gpus_per_node=1, nodes=1)
 
 def ring_attention_efficiency(seq_len: int, cp: int, cluster: Cluster, rates: Rates) -> float:
     """One attention call (no checkpointing) with the ring against the kernel at the local length."""
-    args = replace(llama3_flavors["8B"])  # 32 query / 8 KV heads x 128, the benchmark's shape
+    args = llama3_flavors["8B"]  # 32 query / 8 KV heads x 128, the benchmark's shape
     with_cp, _, _ = _attention_block(args, seq_len, Layout(cp, 1), cluster, rates, "none")
     alone, _, _ = _attention_block(args, seq_len, Layout(1, 1), cluster, rates, "none")
     return alone / cp / with_cp
@@ -281,8 +286,11 @@ TABLE_GPUS = (8, 64, 512)
 def format_tables(rates: Rates) -> str:
     """docs/scaling.md's tables: the recommended layout per (model, length, GPUs), and one
     sequence over all GPUs (strong scaling) where the ring's hiding breaks down."""
-    out = ["| model | seq len | GPUs | recommended | cp | tokens/s/GPU | efficiency | ring alone: efficiency, exposed s |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "| model | seq len | GPUs | recommended | cp | tokens/s/GPU | efficiency"
+        " | ring alone: efficiency, exposed s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for flavor in TABLE_FLAVORS:
         for seq_len in TABLE_SEQ_LENS:
             for gpus in TABLE_GPUS:
@@ -294,10 +302,12 @@ def format_tables(rates: Rates) -> str:
                 ring = next(p for p in predictions if p.layout.ulysses == 1)
                 out.append(
                     f"| {flavor} | {_tokens(seq_len)} | {gpus} | {best.layout.name} | {best.layout.cp} |"
-                    f" {best.tokens_per_gpu_s:,.0f} | {best.efficiency:.3f} | {ring.efficiency:.3f}, {ring.ring_exposed_s:.2f} |"
+                    f" {best.tokens_per_gpu_s:,.0f} | {best.efficiency:.3f} |"
+                    f" {ring.efficiency:.3f}, {ring.ring_exposed_s:.2f} |"
                 )
     out += ["", "One sequence over all GPUs (cp = GPUs):", "",
-            "| model | seq len | GPUs | tokens per GPU | ring eff. | best hybrid | its eff. | pure Ulysses (8) eff. |",
+            "| model | seq len | GPUs | tokens per GPU | ring eff. | best hybrid | its eff."
+            " | pure Ulysses (8) eff. |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for flavor in TABLE_FLAVORS:
         for seq_len in TABLE_SEQ_LENS:
@@ -327,20 +337,28 @@ def ring_hiding_threshold(flavor: str, cluster: Cluster, rates: Rates, crosses_n
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavor", default="8B", choices=sorted(llama3_flavors))
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--cp", type=int, default=0, help="cp degree; 0: the smallest that fits (dp takes the rest)")
-    parser.add_argument("--activation-checkpoint", default="full", choices=("none", "selective", "full"))
-    parser.add_argument("--nvlink-gbytes", type=float, default=Cluster.nvlink_gbytes, help="GB/s per GPU and direction")
+    parser.add_argument(
+        "--cp", type=int, default=0, help="cp degree; 0: the smallest that fits (dp takes the rest)"
+    )
+    parser.add_argument(
+        "--activation-checkpoint", default="full", choices=("none", "selective", "full", "full_except_attention")
+    )
+    parser.add_argument(
+        "--nvlink-gbytes", type=float, default=Cluster.nvlink_gbytes, help="GB/s per GPU and direction"
+    )
     parser.add_argument("--internode-gbits", type=float, default=Cluster.internode_gbits, help="Gb/s per GPU")
     parser.add_argument("--link-efficiency", type=float, default=Cluster.link_efficiency)
     parser.add_argument("--gpu-memory-gib", type=float, default=Cluster.gpu_memory_gib)
     parser.add_argument("--attention-tflops", type=float, default=Rates.attention_tflops)
     parser.add_argument("--matmul-tflops", type=float, default=Rates.matmul_tflops)
-    parser.add_argument("--calibrate", action="store_true", help="predicted against measured (docs/performance.md)")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="predicted against measured (docs/performance.md)"
+    )
     parser.add_argument("--table", action="store_true", help="print docs/scaling.md's tables")
     args = parser.parse_args(argv)
     rates = Rates(attention_tflops=args.attention_tflops, matmul_tflops=args.matmul_tflops)
@@ -355,14 +373,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     cluster = Cluster(
         gpus_per_node=args.gpus_per_node, nodes=args.nodes, nvlink_gbytes=args.nvlink_gbytes,
-        internode_gbits=args.internode_gbits, link_efficiency=args.link_efficiency, gpu_memory_gib=args.gpu_memory_gib,
+        internode_gbits=args.internode_gbits, link_efficiency=args.link_efficiency,
+        gpu_memory_gib=args.gpu_memory_gib,
     )  # fmt: skip
     if args.cp and (cluster.gpus % args.cp or args.seq_len % (2 * args.cp)):
         parser.error(f"--cp {args.cp} must divide the {cluster.gpus} GPUs and --seq-len / 2")
-    predictions, best = plan(args.flavor, args.seq_len, cluster, rates, args.cp or None, args.activation_checkpoint)
+    predictions, best = plan(
+        args.flavor, args.seq_len, cluster, rates, args.cp or None, args.activation_checkpoint
+    )
     print(format_plan(args.flavor, args.seq_len, cluster, predictions, best))
     for crosses, where in ((False, "NVLink"), (True, "inter-node")):
-        print(f"ring hides its transfers over {where} from {ring_hiding_threshold(args.flavor, cluster, rates, crosses):,.0f} tokens per ring rank")
+        threshold = ring_hiding_threshold(args.flavor, cluster, rates, crosses)
+        print(f"ring hides its transfers over {where} from {threshold:,.0f} tokens per ring rank")
 
 
 if __name__ == "__main__":

@@ -50,41 +50,73 @@ else
   RENDEZVOUS=(--standalone)
 fi
 
-# Workers write a user mistake (bad key, file, degree) here and exit quietly, so the user sees
-# one line instead of torchrun's failure report; this script then exits non-zero.
+# Ranks write a user mistake (bad key, file, degree) here instead of raising it, so the user sees
+# one line instead of torchrun's failure report; this script then exits 2.
 TITAN_CP_ERROR_FILE=$(mktemp)
 export TITAN_CP_ERROR_FILE
 trap 'rm -f "$TITAN_CP_ERROR_FILE"' EXIT
 
-# Once a rank has written its one-line error (a rank out of memory exits non-zero, so torchrun
-# stops the others), what follows on stderr is noise: torchrun's failure report with its
-# traceback, and the other ranks' errors as their peer disappears. It is dropped; the line is
-# printed at the end.
-hide_after_error() {
-  local line
-  while IFS= read -r line; do
-    [[ -s "$TITAN_CP_ERROR_FILE" ]] || printf '%s\n' "$line"
+# With several ranks and no OMP_NUM_THREADS, torchrun warns and gives each rank one thread;
+# share the machine's cores between the ranks instead.
+if [[ -z "${OMP_NUM_THREADS:-}" && "$NGPU" -gt 1 ]]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))
+  export OMP_NUM_THREADS
+fi
+
+# torchrun runs in a session of its own (setsid), so a Ctrl-C at the terminal reaches this script
+# only, not torchrun: torchrun would answer it with tracebacks. Signals are passed on to the
+# ranks themselves (torchrun's children):
+# - SIGTERM (preemption) or SIGHUP (terminal closed): each rank saves a checkpoint and exits 0;
+#   signalling torchrun instead would make it exit 1 after its ranks finished cleanly.
+# - the first Ctrl-C (SIGINT): the same, and this script exits 130 afterwards;
+# - a second Ctrl-C: torchrun and every rank are killed at once (torchrun first, so it prints no
+#   failure report), without saving.
+setsid python3 -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$NGPU" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m titan_cp.train --job.config_file "$CONFIG" "$@" &
+child=$!
+interrupted=0
+
+kill_all_now() {
+  local ranks
+  ranks=$(pgrep -P "$child" || true)
+  kill -KILL "$child" 2>/dev/null || true
+  for rank in $ranks; do
+    # Each rank leads a process group of its own (torchrun starts it so); take its helpers too.
+    kill -KILL -- "-$rank" "$rank" 2>/dev/null || true
   done
 }
 
-# SIGTERM (preemption) goes to the ranks themselves: each saves a checkpoint and exits 0.
-# Signalling torchrun instead would make it exit 1 after its workers finished cleanly.
-python3 -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$NGPU" \
-  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m titan_cp.train --job.config_file "$CONFIG" "$@" 2> >(hide_after_error >&2) &
-child=$!
-trapped=0
-trap 'trapped=1; pkill -TERM -P "$child" 2>/dev/null' TERM INT
+on_interrupt() {
+  if (( interrupted )); then
+    echo "second Ctrl-C: stopped at once, without saving" >&2
+    kill_all_now
+  else
+    interrupted=1
+    pkill -INT -P "$child" 2>/dev/null || true
+  fi
+}
+trap on_interrupt INT
+trap 'pkill -TERM -P "$child" 2>/dev/null || true' TERM HUP
+
+# A rank that finds a mistake writes it to the error file and waits: the ranks still running may
+# be waiting for it in a collective, so every rank is ended here at once (no failure report).
+while kill -0 "$child" 2>/dev/null; do
+  if [[ -s "$TITAN_CP_ERROR_FILE" ]]; then
+    kill_all_now
+    break
+  fi
+  # In the background, so a signal's trap runs at once instead of after the sleep.
+  sleep 0.5 & wait $! || true
+done
 status=0
-wait "$child" || status=$?
-# A trapped signal interrupts wait (status 128+n) before torchrun ends; wait for its real status.
-if (( trapped && status > 128 )); then
-  status=0
-  wait "$child" || status=$?
-fi
+wait "$child" 2>/dev/null || status=$?
 
 if [[ -s "$TITAN_CP_ERROR_FILE" ]]; then
-  cat "$TITAN_CP_ERROR_FILE" >&2
+  head -n 1 "$TITAN_CP_ERROR_FILE" >&2
   exit 2
+fi
+if (( interrupted )); then
+  exit 130
 fi
 exit "$status"

@@ -1,4 +1,4 @@
-"""CheckpointManager and PreemptionFlag: exact resume, atomic saves, pruning and clear errors.
+"""CheckpointManager and StopFlag: exact resume, atomic saves, pruning and clear errors.
 
 The reference for "restored" is always the live objects of the run that saved (their full
 parameters, raw optimizer state, scheduler, loader and RNG), never the checkpoint API itself.
@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tests.dist_utils import run_distributed
 from titan_cp.checkpoint.manager import CheckpointManager, list_checkpoint_steps
-from titan_cp.checkpoint.signals import PreemptionFlag
+from titan_cp.checkpoint.signals import StopFlag
 from titan_cp.config.schema import Checkpoint
 from titan_cp.errors import UserError
 
@@ -153,6 +153,26 @@ def _resume_fsdp(rank: int, world_size: int, dump: str) -> None:
     stranger = CheckpointManager(_cfg(), dump, *_build(seed=2, dp_rank=rank + 2, mesh=mesh), dp_rank=rank + 2)
     with pytest.raises(UserError, match=r"dp ranks \[0, 1\] but not for dp rank"):
         stranger.load()
+
+    # Rank 1's shard of step 6 is damaged but keeps its size, so only reading it fails, on rank 1
+    # alone: both ranks must fall back to step 3 together and hold exactly its state.
+    shard = os.path.join(dump, "checkpoint", "step-6", "__1_0.distcp")
+    if rank == 0:
+        _scramble_middle(shard)
+    torch.distributed.barrier()
+    damaged = Path(shard).read_bytes()
+    fallback = _build(seed=3, dp_rank=rank, mesh=mesh)
+    assert CheckpointManager(_cfg(), dump, *fallback, dp_rank=rank).load() == 3
+    _assert_same(at_step3, _snapshot(*fallback), "fallback to step3")
+    assert Path(shard).read_bytes() == damaged, "the damaged checkpoint was changed"
+
+
+def _scramble_middle(file: str) -> None:
+    """Overwrite the middle third of `file` with zeros, keeping its size."""
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.seek(size // 3)
+        f.write(bytes(size // 3))
 
 
 def _fsdp_then_preemption(rank: int, world_size: int, dump: str) -> list[bool]:
@@ -287,6 +307,56 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
         CheckpointManager(_cfg(), str(tmp_path), smaller, None, None, None, dp_rank=0).load()
 
 
+def _two_checkpoints(dump: Path) -> tuple:
+    parts = _plain()
+    manager = CheckpointManager(_cfg(), str(dump), *parts, dp_rank=0)
+    _train_step(*parts)
+    manager.save(1)
+    at_step1 = _snapshot(*parts)
+    _train_step(*parts)
+    manager.save(2)
+    return at_step1, dump / "checkpoint" / "step-2"
+
+
+def _cut_short(file: Path) -> None:
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["cut_distcp", "cut_metadata", "scrambled_distcp"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    at_step1, newest = _two_checkpoints(tmp_path)
+    if damage == "cut_distcp":
+        damaged = newest / "__0_0.distcp"
+        _cut_short(damaged)
+    elif damage == "cut_metadata":
+        damaged = newest / ".metadata"
+        _cut_short(damaged)
+    else:  # same size: found only when DCP reads it
+        damaged = newest / "__0_0.distcp"
+        _scramble_middle(str(damaged))
+    before = _folder_listing(str(tmp_path))
+    content = damaged.read_bytes()
+
+    fresh = _plain(seed=5)
+    assert CheckpointManager(_cfg(), str(tmp_path), *fresh, dp_rank=0).load() == 1
+    _assert_same(at_step1, _snapshot(*fresh))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    named = str(newest) if damage == "scrambled_distcp" else str(damaged)
+    assert len(warnings) == 1 and named in warnings[0], warnings
+    assert _folder_listing(str(tmp_path)) == before and damaged.read_bytes() == content
+
+
+def test_no_loadable_checkpoint_names_the_file_and_what_to_do(tmp_path):
+    _, newest = _two_checkpoints(tmp_path)
+    _cut_short(tmp_path / "checkpoint" / "step-1" / ".metadata")
+    _cut_short(newest / "__0_0.distcp")
+    with pytest.raises(UserError, match=r"step-1/\.metadata is damaged .*move the damaged step folder"):
+        CheckpointManager(_cfg(), str(tmp_path), *_plain(), dp_rank=0).load()
+    with pytest.raises(UserError, match=r"step-2/__0_0\.distcp is damaged .*choose another checkpoint.load_step"):
+        CheckpointManager(_cfg(load_step=2), str(tmp_path), *_plain(), dp_rank=0).load()
+
+
 def test_disabled_does_nothing(tmp_path):
     CheckpointManager(_cfg(), str(tmp_path), *_plain(), dp_rank=0).save(1)
     off = CheckpointManager(_cfg(enable=False), str(tmp_path), *_plain(), dp_rank=0)
@@ -369,20 +439,40 @@ def test_sigkill_during_save_leaves_latest_complete_checkpoint_intact(tmp_path):
 
 def _sigterm_on_rank1(rank: int) -> list[bool]:
     """Rank 1 alone is signalled at step 2; every rank must decide to stop at that same step."""
-    flag = PreemptionFlag().install()
+    flag = StopFlag().install()
     decisions = []
     try:
         for step in range(4):
             if rank == 1 and step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-            decisions.append(flag.should_stop())
+            decisions.append(flag.should_stop() == signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return decisions
 
 
-def test_preemption_flag_without_process_group():
-    flag = PreemptionFlag()
-    assert not flag.should_stop()
+def test_stop_flag_without_process_group():
+    flag = StopFlag()
+    assert flag.should_stop() is None
     flag.request()
-    assert flag.should_stop()
+    assert flag.should_stop() == signal.SIGTERM
+    flag.request(signal.SIGINT)  # Ctrl-C outranks preemption: same stop, exit code 130
+    flag.request(signal.SIGTERM)
+    assert flag.should_stop() == signal.SIGINT
+
+
+def test_second_sigint_ends_the_process_at_once():
+    """The first SIGINT only sets the flag; the second exits with 130 before the flag is read."""
+    script = (
+        "import os, signal, time\n"
+        "from titan_cp.checkpoint.signals import StopFlag\n"
+        "flag = StopFlag().install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "assert flag.received == signal.SIGINT\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == ""

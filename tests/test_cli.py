@@ -7,11 +7,15 @@ import sys
 import pytest
 
 from tests.train_utils import REPO, read_metrics, run_train
+from titan_cp.config.schema import Training
+from titan_cp.data import Tokenizer, build_dataloader
 
 def test_default_job_learns(tmp_path):
     """The README's first command: the debug model's loss falls by at least 2 on the shipped data."""
     result = run_train(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    # A fresh install's first run is quiet: no warning from titan_cp, torch or torchrun.
+    assert "warning" not in (result.stdout + result.stderr).lower(), (result.stdout + result.stderr)[-3000:]
     records = read_metrics(tmp_path)
     assert records[-1]["step"] == 150
     assert records[0]["loss"] - records[-1]["loss"] >= 2.0, (records[0]["loss"], records[-1]["loss"])
@@ -24,8 +28,19 @@ def test_three_steps_write_three_records(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     expected_keys = {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "memory_gib", "ntokens_seen"}
     assert expected_keys <= set(records[0])
-    # Tokens are counted once: 8 sequences of 64 tokens per step.
-    assert [r["ntokens_seen"] for r in records] == [512, 1024, 1536]
+    # Target tokens are counted once: 8 sequences of 64 tokens per step, less the labels that are
+    # not targets (a window's label slot before a document's BOS), counted here from the loader.
+    loader = build_dataloader(Training(seq_len=64, local_batch_size=8), Tokenizer(REPO / "assets/tokenizer/tokenizer.json"), 0, 1, 0)
+    per_step = [int((next(loader).labels != -100).sum()) for _ in range(3)]
+    assert all(480 < n < 512 for n in per_step)
+    assert [r["ntokens_seen"] for r in records] == [sum(per_step[: i + 1]) for i in range(3)]
+    # The lr each step used: the debug config's warmup (10 steps) is cut to the run's 3, and
+    # step s of a W-step warmup runs at lr * s / (W + 1) (docs/config.md).
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 * s / 4 for s in (1, 2, 3)])
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if "warmup_steps 10 is not shorter than training.steps 3" in line]) == 1
+    assert any("step 3/3" in line and " eta " in line for line in lines), result.stdout[-2000:]
+    assert any("done: 3 steps (1-3)" in line and f"{sum(per_step):,} tokens" in line for line in lines), result.stdout[-2000:]
 
 
 def _launch(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -1,12 +1,11 @@
 """The config loader: precedence, override syntax, typing, every error message, --help and docs."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 
-from titan_cp.config import JobConfig, config_to_dict, format_help, load_config
+from titan_cp.config import JobConfig, format_help, load_config
 from titan_cp.errors import UserError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -81,13 +80,13 @@ def test_last_repeated_override_wins():
 
 @pytest.mark.parametrize("text,value", [("true", True), ("false", False), ("TRUE", True), ("False", False)])
 def test_bool_parsing(text, value):
-    assert load_config(["--compile.enable", text]).compile.enable is value
+    assert load_config(["--checkpoint.enable", text]).checkpoint.enable is value
 
 
 @pytest.mark.parametrize("text", ["yes", "1", "0", "on", ""])
 def test_bool_rejects_anything_but_true_false(text):
-    message = user_error(["--compile.enable", text])
-    assert "--compile.enable" in message and "true or false" in message
+    message = user_error(["--checkpoint.enable", text])
+    assert "--checkpoint.enable" in message and "true or false" in message
 
 
 @pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3", 3.0), ("0.5", 0.5)])
@@ -190,11 +189,11 @@ def test_toml_top_level_value_instead_of_section(tmp_path):
         ("[training]\nsteps = true\n", "training.steps in {}: expected an integer, got True"),
         ('[optimizer]\nlr = "1e-4"\n', "optimizer.lr in {}: expected a number, got '1e-4'"),
         ("[optimizer]\nlr = true\n", "optimizer.lr in {}: expected a number, got True"),
-        ('[compile]\nenable = "true"\n', "compile.enable in {}: expected true or false, got 'true'"),
+        ('[checkpoint]\nenable = "true"\n', "checkpoint.enable in {}: expected true or false, got 'true'"),
         ("[job]\ndump_folder = 3\n", "job.dump_folder in {}: expected a string, got 3"),
         (
             '[activation_checkpoint]\nmode = "some"\n',
-            "activation_checkpoint.mode in {}: expected one of none, selective, full, got 'some'",
+            "activation_checkpoint.mode in {}: expected one of none, selective, full, full_except_attention, got 'some'",
         ),
     ],
 )
@@ -254,6 +253,7 @@ RANGES = [
     ("parallelism.data_parallel_replicate_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "0", "1"),
     ("parallelism.context_parallel_degree", "-1", "2"),
+    ("parallelism.context_parallel_ulysses_degree", "0", "1"),
     ("parallelism.data_parallel_shard_degree", "0", "-1"),
     ("parallelism.data_parallel_shard_degree", "-2", "1"),
     ("parallelism.heads_k_stride", "0", "1"),
@@ -300,7 +300,7 @@ def test_help_lists_every_key_and_exits_zero(flag, capsys):
 def test_help_shows_type_default_and_help_text():
     text = format_help()
     assert "  --training.steps int (default: 10000)  optimizer steps to train\n" in text
-    assert "  --compile.enable bool (default: false)  " in text
+    assert "  --checkpoint.enable bool (default: false)  " in text
     assert '  --lr_scheduler.decay_type {linear,cosine,sqrt} (default: "linear")  shape of the decay\n' in text
 
 
@@ -312,10 +312,3 @@ def test_docs_config_md_is_in_sync_with_the_schema():
         "docs/config.md is out of date: paste the output of "
         "`python -c 'from titan_cp.config import format_help; print(format_help(), end=\"\")'`"
     )
-
-
-def test_config_to_dict_is_plain_and_complete():
-    d = config_to_dict(load_config(["--training.steps", "3"]))
-    assert json.loads(json.dumps(d)) == d
-    assert d["training"]["steps"] == 3
-    assert {(s, k) for s, keys in d.items() for k in keys} == set(all_keys())

@@ -1,4 +1,4 @@
-"""Context parallelism gives the same model math as no context parallelism (DESIGN.md invariant 1).
+"""Context parallelism gives the same model math as no context parallelism (invariant 1 in docs/architecture.md).
 
 A tiny Llama is built and stepped as `Trainer` does (tests/cp_model_utils.py) on cp = 2, 3 and 4
 gloo ranks (FSDP over the same ranks), and compared with one process without cp or FSDP:

@@ -1,11 +1,12 @@
-"""Two launches of `scripts/run_train.sh` on 127.0.0.1 act as two nodes (torchrun static rendezvous).
+"""Two launches of `scripts/run_train.sh` on 127.0.0.1 act as two nodes.
 
 `scripts/slurm_train.sbatch` starts them, with stand-ins for `srun` (one task per node of a
 two-node allocation, all on this host) and `scontrol` (node 0 is 127.0.0.1). One process per
-"node" and cp = 2, so the ring crosses between the nodes: the per-step losses equal one process
-without cp (the hybrid Ulysses x ring math is checked against cp = 1 in
-tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
-line, and a multi-node setting without a rendezvous address is refused before torchrun starts.
+"node" and cp = 2 (static rendezvous at node 0), so the ring crosses between the nodes: the
+per-step losses equal one process without cp (the hybrid Ulysses x ring math is checked against
+cp = 1 in tests/test_ulysses_model.py). A Ulysses group larger than a node is refused by both nodes in one
+line (these two nodes meet through RDZV_ENDPOINT, torchrun's c10d rendezvous), and a multi-node
+setting without a rendezvous address is refused before torchrun starts.
 """
 
 import os
@@ -18,13 +19,12 @@ STEPS = ["--training.steps", "3", "--training.local_batch_size", "1", "--trainin
 CP2 = ["--parallelism.context_parallel_degree", "2"]
 
 
-def _two_nodes(dump_folder, *overrides: str) -> list[subprocess.CompletedProcess]:
-    """Start node 1 and node 0 of one job (NNODES=2, one process each, MASTER_ADDR=127.0.0.1)."""
-    port = str(free_port())
+def _two_nodes_c10d(dump_folder, *overrides: str) -> list[subprocess.CompletedProcess]:
+    """Start two nodes of one job (NNODES=2, one process each) through torchrun's c10d rendezvous."""
+    endpoint = f"127.0.0.1:{free_port()}"
     launches = []
-    for node in (1, 0):
-        env = {**os.environ, "NGPU": "1", "OMP_NUM_THREADS": "1", "NNODES": "2",
-               "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+    for _ in range(2):
+        env = {**os.environ, "NGPU": "1", "OMP_NUM_THREADS": "1", "NNODES": "2", "RDZV_ENDPOINT": endpoint}
         launches.append(subprocess.Popen(
             ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
              "--job.dump_folder", str(dump_folder), *TINY, *STEPS, *overrides],
@@ -83,7 +83,8 @@ def test_two_localhost_nodes_give_the_losses_of_one_process(tmp_path):
 
 
 def test_ulysses_group_larger_than_a_node_is_refused_on_every_node(tmp_path):
-    for result in _two_nodes(tmp_path, *CP2, "--parallelism.context_parallel_ulysses_degree", "2"):
+    # This line needs a world of 2 with 1 process per node: the two launches met in one job.
+    for result in _two_nodes_c10d(tmp_path, *CP2, "--parallelism.context_parallel_ulysses_degree", "2"):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-2000:]
         assert "cannot place its groups on nodes of 1 processes" in lines[-1], result.stderr[-2000:]
@@ -97,4 +98,5 @@ def test_multi_node_without_an_address_is_refused(tmp_path):
         env={k: v for k, v in {**os.environ, "NNODES": "2", "NODE_RANK": "0"}.items() if k != "MASTER_ADDR"},
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: NNODES=2 needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT"
+    expected = "error: NNODES=2 needs NODE_RANK and MASTER_ADDR (node 0's address), or RDZV_ENDPOINT"
+    assert result.stderr.strip() == expected

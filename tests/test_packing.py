@@ -4,17 +4,20 @@ The reference is built here without the packing code: every document (BOS + enco
 into chunks of seq_len, each chunk with the document's next tokens as labels and -100 after EOS.
 """
 
+import bisect
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer, build_dataloader
-from titan_cp.data.corpus import Corpus
+from titan_cp.data.cache import to_arrays, write_cache
+from titan_cp.data.cache_reader import TokenCache
 from titan_cp.data.documents import read_documents
-from titan_cp.data.packing import PackedSamples, best_fit_decreasing
+from titan_cp.data.packing import PackedSamples, best_fit_decreasing, plan_packing
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "assets/data/tinyshakespeare.txt"
@@ -95,38 +98,88 @@ def test_packed_content_equals_the_documents_cut_into_pieces(epoch, tok: Tokeniz
     assert padding / tokens.numel() < 0.005
 
 
-def test_exact_layout_of_a_small_pack() -> None:
+def small_cache(tmp_path: Path, docs: list[list[int]], masks: list[list[bool]] | None = None) -> TokenCache:
+    masks = masks or [[True] * len(d) for d in docs]
+    write_cache(tmp_path / "cache", [to_arrays(list(zip(docs, masks)))], dict)
+    return TokenCache(tmp_path / "cache")
+
+
+def packed(cache: TokenCache, seq_len: int, truncation: str = "split") -> list[list[list[int]]]:
+    samples = PackedSamples(cache, plan_packing(cache.offsets, seq_len, truncation), seq_len, truncation, PAD)
+    return [[t.tolist() for t in samples[i]] for i in range(len(samples))]
+
+
+def test_exact_layout_of_a_small_pack(tmp_path: Path) -> None:
     # Documents of 5, 3 and 10 tokens (BOS=1 ... EOS=2) into windows of 8.
     docs = [[1, 10, 11, 12, 2], [1, 20, 2], [1, 30, 31, 32, 33, 34, 35, 36, 37, 2]]
-    corpus = Corpus(torch.tensor(sum(docs, [])), torch.tensor([0, 5, 8, 18]))
-    packed = PackedSamples(corpus, seq_len=8, pad_id=PAD)
+    cache = small_cache(tmp_path, docs)
     x = -100
     # Pieces 8 (first part of doc 3), 5 and 3 fill two windows; piece 2 and padding share the third.
-    assert packed.tokens.tolist() == [
+    assert [w[0] for w in packed(cache, 8)] == [
         [1, 30, 31, 32, 33, 34, 35, 36],
         [1, 10, 11, 12, 2, 1, 20, 2],
         [37, 2, PAD, PAD, PAD, PAD, PAD, PAD],
     ]
-    assert packed.labels.tolist() == [
+    assert [w[1] for w in packed(cache, 8)] == [
         [30, 31, 32, 33, 34, 35, 36, 37],  # the cut loses no target: 36 predicts 37
         [10, 11, 12, 2, x, 20, 2, x],
         [2, x, x, x, x, x, x, x],
     ]
-    assert packed.positions.tolist() == [
+    assert [w[2] for w in packed(cache, 8)] == [
         [0, 1, 2, 3, 4, 5, 6, 7],
         [0, 1, 2, 3, 4, 0, 1, 2],
         [0, 1, 0, 1, 2, 3, 4, 5],
     ]
-    assert packed.padding_fraction == pytest.approx(6 / 24)
+    samples = PackedSamples(cache, plan_packing(cache.offsets, 8, "split"), 8, "split", PAD)
+    assert samples.padding_fraction == pytest.approx(6 / 24)
+    assert samples.plan.cut_documents == 1
+
+
+def test_truncation_keeps_the_first_seq_len_tokens_and_masked_labels(tmp_path: Path) -> None:
+    docs = [[1, 10, 11, 12, 2], [1, 30, 31, 32, 33, 34, 35, 36, 37, 2]]
+    masks = [[False, False, True, True, True], [False, False, False, True, True, False, True, True, True, True]]
+    cache = small_cache(tmp_path, docs, masks)
+    x = -100
+    # The long document keeps its first 8 tokens; its last label is the (cut) next token, a target.
+    assert packed(cache, 8, "truncate") == [
+        [[1, 30, 31, 32, 33, 34, 35, 36], [x, x, 32, 33, x, 35, 36, 37], list(range(8))],
+        [[1, 10, 11, 12, 2, PAD, PAD, PAD], [x, 11, 12, 2, x, x, x, x], [0, 1, 2, 3, 4, 0, 1, 2]],
+    ]
+
+
+def sequential_best_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int], list[int], int]:
+    """The textbook rule, one item at a time: the reference for the vectorised packer."""
+    bin_of, offset_of, filled, room = [0] * len(lengths), [0] * len(lengths), [], []
+    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[item]
+        at = bisect.bisect_left(room, (length, -1))  # the tightest fit, the older bin on ties
+        if at < len(room):
+            free, b = room.pop(at)
+        else:
+            free, b = capacity, len(filled)
+            filled.append(0)
+        bin_of[item], offset_of[item] = b, filled[b]
+        filled[b] += length
+        if free > length:
+            bisect.insort(room, (free - length, b))
+    return bin_of, offset_of, len(filled)
+
+
+def test_vectorised_best_fit_decreasing_equals_the_sequential_rule() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        capacity = int(rng.integers(1, 50))
+        lengths = rng.integers(1, capacity + 1, size=int(rng.integers(0, 200)))
+        bin_of, offset_of, bins = best_fit_decreasing(lengths, capacity)
+        assert (bin_of.tolist(), offset_of.tolist(), bins) == sequential_best_fit_decreasing(lengths.tolist(), capacity)
 
 
 def test_best_fit_decreasing_packs_tightly_and_never_overflows() -> None:
     lengths = [6, 4, 5, 5, 3, 7, 2, 8]  # 40 in all: four bins of 10 are possible
-    bin_of, offset_of, bins = best_fit_decreasing(lengths, 10)
+    bin_of, offset_of, bins = best_fit_decreasing(np.array(lengths), 10)
     assert bins == 4
     fill = [[0] * 10 for _ in range(bins)]
     for length, b, offset in zip(lengths, bin_of, offset_of):
         for i in range(offset, offset + length):
             fill[b][i] += 1
     assert all(cell == 1 for row in fill for cell in row)  # no overlap, no gap, no overflow
-    assert best_fit_decreasing(lengths, 10) == (bin_of, offset_of, bins)

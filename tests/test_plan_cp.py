@@ -29,7 +29,8 @@ def test_without_cp_the_smallest_fitting_degree_is_planned():
     assert best is not None and best.fits
     smaller = [d for d in plan_cp.cp_degrees(64) if d < best.layout.cp and 1048576 % (2 * d) == 0]
     for degree in smaller:
-        assert not any(p.fits for p in (plan_cp.predict("70B", 1048576, l, cluster, RATES) for l in plan_cp.layouts(degree, 64, 8)))
+        for layout in plan_cp.layouts(degree, 64, 8):
+            assert not plan_cp.predict("70B", 1048576, layout, cluster, RATES).fits, layout
 
 
 @pytest.mark.parametrize("flavor", ["8B", "70B"])
@@ -67,7 +68,8 @@ def test_more_bandwidth_never_makes_a_layout_slower():
     slow = plan_cp.Cluster(gpus_per_node=8, nodes=8, internode_gbits=200.0)
     fast = plan_cp.Cluster(gpus_per_node=8, nodes=8, internode_gbits=800.0)
     for layout in plan_cp.layouts(64, 32, 8):
-        assert plan_cp.predict("8B", 262144, layout, fast, RATES).step_s <= plan_cp.predict("8B", 262144, layout, slow, RATES).step_s
+        faster = plan_cp.predict("8B", 262144, layout, fast, RATES)
+        assert faster.step_s <= plan_cp.predict("8B", 262144, layout, slow, RATES).step_s, layout
 
 
 def test_predictions_stay_close_to_the_measured_figures():

@@ -1,4 +1,4 @@
-"""Ulysses and hybrid cp give the same model math as cp = 1 (DESIGN.md invariants 1-5).
+"""Ulysses and hybrid cp give the same model math as cp = 1 (invariants 1-5 in docs/architecture.md).
 
 A tiny Llama (8 query / 2 KV heads) is built and stepped as the trainer does
 (tests/cp_model_utils.py): pure Ulysses over 2 ranks on plain windows and on packed documents,
@@ -86,8 +86,9 @@ def cp_runs() -> dict:
     return runs
 
 
-@pytest.mark.parametrize(
-    "world_size, case", [(w, c) for w, cases in WORLD_CASES.items() for c in cases], ids=lambda x: getattr(x, "name", str(x))
-)
+CASES = [(w, c) for w, cases in WORLD_CASES.items() for c in cases]
+
+
+@pytest.mark.parametrize("world_size, case", CASES, ids=[case.name for _, case in CASES])
 def test_ulysses_loss_and_gradients_equal_cp1(cp_runs, references, world_size, case):
     _assert_same_math(cp_runs[case.name], references[case.sample_packing], f"cp={world_size} {case.name}")

@@ -38,7 +38,7 @@ def train_curves(dump_folder: Path, *overrides: str, ngpu: int = 1) -> dict[str,
     """Per-step `loss` and `grad_norm` of a tiny launcher run that logs every step."""
     result = run_train(dump_folder, *TINY, *overrides, ngpu=ngpu)
     assert result.returncode == 0, f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    records = read_metrics(dump_folder)
+    records = [record for record in read_metrics(dump_folder) if "loss" in record]
     return {key: [record[key] for record in records] for key in ("loss", "grad_norm")}
 
 
@@ -67,12 +67,15 @@ def assert_close_curves(actual: dict[str, list[float]], expected: dict[str, list
 
 
 def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float = 180) -> subprocess.Popen:
-    """Start the launcher in the background and return once the first metrics record exists."""
+    """Start the launcher in the background and return once the first metrics record exists.
+
+    The launcher leads a process group of its own, as a shell job would (see tests/test_interrupt.py).
+    """
     launcher = subprocess.Popen(
         ["bash", str(REPO / "scripts" / "run_train.sh"), "train_configs/debug_model.toml",
          "--job.dump_folder", str(dump_folder), *overrides],
         cwd=REPO, env={**os.environ, "NGPU": str(ngpu), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     metrics = dump_folder / "metrics.jsonl"
     deadline = time.monotonic() + timeout

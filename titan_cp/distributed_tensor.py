@@ -42,7 +42,7 @@ def init_(param: torch.Tensor, init_fn: Callable[..., torch.Tensor], **kwargs) -
     A sharded parameter is filled by generating the whole tensor (one parameter at a time) and
     keeping this rank's part. Every rank draws from the global RNG in the same order as an
     unsharded model does, so FSDP, HSDP and cp runs start from exactly the cp=1 weights
-    (DESIGN.md invariant 1). Random ops on DTensors would instead depend on the layout.
+    (invariant 1 in docs/architecture.md). Random ops on DTensors would instead depend on the layout.
     """
     if not isinstance(param, DTensor):
         init_fn(param, **kwargs)

@@ -1,7 +1,6 @@
 """Cross-entropy over the vocabulary without ever holding all the logits.
 
-At 128K tokens and a 128,256 vocabulary, fp32 logits alone are 64 GB (DESIGN.md, "Memory at
-long context"). The output projection and the loss therefore run chunk by chunk, and each chunk
+At 128K tokens and a 128,256 vocabulary, fp32 logits alone are 64 GB (docs/memory.md). The output projection and the loss therefore run chunk by chunk, and each chunk
 is wrapped in non-reentrant activation checkpointing: its logits are dropped after the forward
 and recomputed in the backward, so at most one chunk's logits exist at any moment.
 """

@@ -40,7 +40,7 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts of a Llama 3 model, derived from its args without building it."""
+    """Parameter counts of a Llama 3 model by where they live: the blocks, and the root's ends."""
 
     per_block: int
     embedding: int
@@ -52,25 +52,18 @@ class ParamCounts:
     def total(self) -> int:
         return self.n_layers * self.per_block + self.embedding + self.output + self.final_norm
 
-    @property
-    def non_embedding(self) -> int:
-        """Parameters that cost 6 FLOPs per token: everything but the embedding lookup table."""
-        return self.total - self.embedding
-
 
 def count_params(model_args) -> ParamCounts:
-    """Count parameters: wq/wk/wv/wo, w1/w2/w3 and two RMSNorm weights per block, plus the ends."""
-    dim, head_dim = model_args.dim, model_args.head_dim
-    q_width = model_args.n_heads * head_dim
-    kv_width = model_args.n_kv_heads * head_dim
-    attention = dim * q_width + 2 * dim * kv_width + q_width * dim
-    feed_forward = 3 * dim * model_args.ffn_hidden_dim
-    embedding = model_args.vocab_size * dim
+    """Split `model_args.num_params()` (the one parameter count) into the blocks and the ends."""
+    embedding = model_args.vocab_size * model_args.dim
+    output = 0 if model_args.tie_word_embeddings else embedding
+    final_norm = model_args.dim
+    blocks = model_args.num_params() - embedding - output - final_norm
     return ParamCounts(
-        per_block=attention + feed_forward + 2 * dim,
+        per_block=blocks // model_args.n_layers,
         embedding=embedding,
-        output=0 if model_args.tie_word_embeddings else embedding,
-        final_norm=dim,
+        output=output,
+        final_norm=final_norm,
         n_layers=model_args.n_layers,
     )
 
@@ -155,8 +148,9 @@ def _kept_bytes_per_token(model_args, act_bytes: int, ac_mode: str, mlp_tiled: b
 
     Matches titan_cp.parallel.parallelize.checkpoint_block: selective checkpoints the two norms
     and the feed-forward (each keeps only its input, and a norm's output is kept by its
-    consumer), full the whole block (only its input is kept). A tiled feed-forward keeps only its
-    input, which is the feed-forward norm's output, already counted.
+    consumer), full the whole block (only its input is kept), full_except_attention the whole
+    block but attention's output and fp32 LSE, which it keeps besides the input. A tiled
+    feed-forward keeps only its input, which is the feed-forward norm's output, already counted.
     """
     attention_half = _attention_half_bytes_per_token(model_args, act_bytes)
     if ac_mode == "none":
@@ -166,7 +160,16 @@ def _kept_bytes_per_token(model_args, act_bytes: int, ac_mode: str, mlp_tiled: b
         return attention_half - 2 * norm + 2 * 2 * model_args.dim * act_bytes
     if ac_mode == "full":
         return model_args.dim * act_bytes
-    raise UserError(f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective or full")
+    if ac_mode == "full_except_attention":
+        return model_args.dim * act_bytes + _attention_output_bytes_per_token(model_args, act_bytes)
+    raise UserError(
+        f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective, full or full_except_attention"
+    )
+
+
+def _attention_output_bytes_per_token(model_args, act_bytes: int) -> int:
+    """Attention's output and its fp32 LSE: what full_except_attention keeps of a block."""
+    return model_args.n_heads * (model_args.head_dim * act_bytes + FP32)
 
 
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:
@@ -209,7 +212,13 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
     attention_half = _attention_half_bytes_per_token(model_args, a)
     norm = _norm_bytes_per_token(dim, a)
     residual_grads = 2 * dim * a
-    recomputed_before_mlp = {"none": 0, "selective": norm - 2 * dim * a, "full": attention_half}[ac_mode]
+    kept_attention = _attention_output_bytes_per_token(model_args, a)
+    recomputed_before_mlp = {
+        "none": 0,
+        "selective": norm - 2 * dim * a,
+        "full": attention_half,
+        "full_except_attention": attention_half - kept_attention,
+    }[ac_mode]
     tiled = 0 < mlp_chunk < local_tokens
     if tiled:
         mlp_per_token = dim * a
@@ -220,8 +229,12 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
         mlp_fixed = 0
     mlp_phase = local_tokens * (recomputed_before_mlp + mlp_per_token + residual_grads) + mlp_fixed
     # Full checkpointing: the block's input (fetched back when offloaded) and the recomputed
-    # attention half without the feed-forward norm, whose backward is done.
-    recomputed_in_attention = dim * a + attention_half - norm if ac_mode == "full" else 0
+    # attention half without the feed-forward norm, whose backward is done (full_except_attention
+    # keeps the input and attention's output and LSE among the kept tensors).
+    recomputed_in_attention = {
+        "full": dim * a + attention_half - norm,
+        "full_except_attention": attention_half - norm - kept_attention,
+    }.get(ac_mode, 0)
     attention_phase = local_tokens * (
         recomputed_in_attention
         + residual_grads
@@ -428,5 +441,6 @@ def estimate_for_config(model_args, cfg, dp_shard_cp: int, cp: int, on_gpu: bool
         mlp_chunk_size=training.mlp_chunk_size,
         activation_offload=cfg.activation_checkpoint.offload,
         cpu_offload=training.enable_cpu_offload,
-        compiled=cfg.compile.enable,
+        # compile.enable "auto" compiles on CUDA only (titan_cp.parallel.parallelize.compile_enabled).
+        compiled=cfg.compile.enable is True or (cfg.compile.enable == "auto" and on_gpu),
     )

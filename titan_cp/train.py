@@ -4,8 +4,11 @@ Started by `scripts/run_train.sh` (torchrun) or `python -m titan_cp.train --job.
 Every part is handed only the config section it needs.
 """
 
+import dataclasses
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,16 +17,19 @@ import torch.distributed as dist
 from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
 from titan_cp.checkpoint.hf_serving import serving_files
 from titan_cp.checkpoint.manager import CheckpointManager
-from titan_cp.checkpoint.signals import PreemptionFlag
+from titan_cp.checkpoint.signals import INTERRUPTED_EXIT_CODE, StopFlag
 from titan_cp.config import JobConfig, load_config
 from titan_cp.context_parallel import ContextParallel
+from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
-from titan_cp.errors import UserError
+from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
 from titan_cp.loss import IGNORE_INDEX
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
+from titan_cp.output_folder import output_folder_error
+from titan_cp.validation import Validator
 from titan_cp.parallel import (
     ParallelDims,
     init_distributed,
@@ -92,7 +98,10 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        # First, so that a Ctrl-C during the (long) build stops the run at its first step.
+        self.stop = StopFlag().install()
         self.init_distributed()
+        raise_on_every_rank(output_folder_error(cfg.job.dump_folder))
         self.tokenizer = self.build_tokenizer()
         self.model_args = self.build_model_args()
         self.cp = self.build_context_parallel()
@@ -104,11 +113,11 @@ class Trainer:
         self.print_model_summary()
         self.optimizer, self.lr_scheduler = self.build_optimizer()
         self.dataloader = self.build_data()
+        self.validator = self.build_validator()
         self.checkpoint = self.build_checkpoint()
         self.step = self.load_checkpoint_or_initial_weights()
         self.ntokens_seen = self.checkpoint.extra_state.get("ntokens_seen", 0)
         self.metrics = self.build_metrics()
-        self.preemption = PreemptionFlag()
 
     def init_distributed(self) -> None:
         """Device, process group, parallel degrees, meshes and seed."""
@@ -186,8 +195,9 @@ class Trainer:
             check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
 
     def convert(self) -> None:
-        """Model converters (for example Float8 linears) swap modules here: on the meta model,
-        before parallelization wraps them. None is configured yet."""
+        """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
+        model, before parallelization wraps them."""
+        apply_converters(self.model, self.cfg.model.converters, self.device)
 
     def parallelize(self) -> None:
         cfg = self.cfg
@@ -212,17 +222,32 @@ class Trainer:
         )
 
     def build_optimizer(self):
+        warmup, steps = self.cfg.lr_scheduler.warmup_steps, self.cfg.training.steps
+        if warmup >= steps:
+            print_rank0(
+                f"warning: lr_scheduler.warmup_steps {warmup} is not shorter than training.steps {steps}:"
+                " the learning rate never reaches optimizer.lr",
+                self.rank,
+            )
         optimizer = build_optimizer(self.model, self.cfg.optimizer)
-        return optimizer, build_lr_scheduler(optimizer, self.cfg.lr_scheduler, self.cfg.training.steps)
+        return optimizer, build_lr_scheduler(optimizer, self.cfg.lr_scheduler, steps)
 
     def build_data(self):
-        return build_dataloader(
+        dataloader = build_dataloader(
             self.cfg.training,
             self.tokenizer,
             dp_rank=self.dims.dp_rank(self.rank),
             dp_world_size=self.dims.dp,
             seed=self.cfg.debug.seed,
         )
+        print_rank0(dataloader.summary(), self.rank)
+        return dataloader
+
+    def build_validator(self) -> Validator | None:
+        if not self.cfg.validation.enable:
+            return None
+        dp_rank = self.dims.dp_rank(self.rank)
+        return Validator(self.cfg.validation, self.cfg.training, self.tokenizer, dp_rank, self.dims.dp, self.cp, self.device)
 
     def build_checkpoint(self) -> CheckpointManager:
         return CheckpointManager(
@@ -251,7 +276,17 @@ class Trainer:
             self.model_args.head_dim,
             self.cfg.training.seq_len,
         )
-        return MetricsLogger(self.cfg.job.dump_folder, flops, self.device, is_writer=self.rank == 0)
+        return MetricsLogger(
+            self.cfg.job.dump_folder,
+            flops,
+            self.device,
+            is_writer=self.rank == 0,
+            world_size=self.world_size,
+            total_steps=self.cfg.training.steps,
+            start_step=self.step,
+            cfg=self.cfg.metrics,
+            run_config=dataclasses.asdict(self.cfg),
+        )
 
     def _load_initial_weights(self, checkpoint) -> None:
         if not checkpoint.initial_load_in_hf:
@@ -276,92 +311,146 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm, tokens)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches.
+
+        Returns (loss, grad_norm, lr, tokens): `lr` is the learning rate this step's update used
+        (the scheduler moves on after it); the others are device tensors, read only on logging
+        steps: reading them here would make the host wait for the GPU every step, leaving the
+        GPU idle while the next step's first kernels are launched.
+        """
         micro_batches = [self.cp.shard(*next(self.dataloader_iter).as_tuple()) for _ in range(self.grad_accum_steps)]
         loss_sum, global_count = forward_backward(
             self.model, micro_batches, self.device, self.cfg.training.loss_chunk_size
         )
         grad_norm = self._clip_gradients()
+        lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum / global_count).item(), grad_norm, int(global_count.item())
+        return loss_sum / global_count, grad_norm, lr, global_count
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return norm.item()
+        return norm
 
-    def train(self) -> None:
+    def train(self) -> signal.Signals | None:
+        """Train up to training.steps; returns the signal that stopped the run early, or None."""
         training = self.cfg.training
         self.dataloader_iter = iter(self.dataloader)
-        self.preemption.install()
         print_rank0(
             f"training from step {self.step} to {training.steps}: {self.grad_accum_steps} micro-batch(es) of"
             f" {training.local_batch_size} x {training.seq_len} tokens per data-parallel rank per step",
             self.rank,
         )
         first_step = self.step + 1
+        ckpt = self.cfg.checkpoint
+        tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
         while self.step < training.steps:
             self.step += 1
-            loss, grad_norm, step_tokens = self.train_step()
+            last_step = self.step == training.steps
+            loss, grad_norm, lr, step_tokens = self.train_step()
+            tokens_since_sync += step_tokens
+            self.metrics.step_done(self.step)
             if self.step == first_step:
                 # The first step includes compilation and lazy initialisation; later steps
                 # get the shorter timeout so a dead rank ends the job quickly.
                 set_collective_timeout(self.cfg.comm.train_timeout_seconds)
-            self.ntokens_seen += step_tokens
-            self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
-            self.metrics.count(step_tokens // self.world_size)
-            if self.step % self.cfg.metrics.log_freq == 0 or self.step == training.steps:
-                self.metrics.log(self.step, loss, grad_norm, self.lr_scheduler.get_last_lr()[0], self.ntokens_seen)
-            if self.preemption.should_stop(self.device):
-                print_rank0(f"SIGTERM received: saving a checkpoint at step {self.step} and stopping", self.rank)
-                self.checkpoint.save(self.step)
-                return
-            self.checkpoint.maybe_save(self.step, last_step=self.step == training.steps)
+            # The host reads device values only where it needs them: to log, and to save the token
+            # count with a checkpoint. One process checks for a signal without a collective.
+            logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
+            stop = self.stop.received if self.world_size == 1 else self.stop.should_stop(self.device)
+            if logging or stop or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
+                tokens = int(tokens_since_sync.item())
+                tokens_since_sync.zero_()
+                self.ntokens_seen += tokens
+                self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
+                self.metrics.count(tokens)
+            if logging:
+                self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
+            if self.validator is not None and self.validator.should_run(self.step):
+                started = time.perf_counter()
+                validation_loss, validation_tokens = self.validator.run(self.model)
+                self.metrics.log_validation(
+                    self.step, validation_loss, validation_tokens, seconds_outside_training=time.perf_counter() - started
+                )
+            if stop:
+                self.save_and_stop(stop)
+                return stop
+            self.checkpoint.maybe_save(self.step, last_step=last_step)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
             serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)
             dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.cfg.checkpoint.export_dtype]
             export_hf(self.model, self.model_args, out_dir, dtype=dtype, serving=serving)
             print_rank0(f"exported Hugging Face weights to {out_dir}", self.rank)
+        self.metrics.finish()
+        self.metrics.close()
+        return None
+
+    def save_and_stop(self, stop: signal.Signals) -> None:
+        """One line, then a checkpoint of this step when checkpointing is on."""
+        if stop == signal.SIGINT:
+            what = "Ctrl-C (SIGINT) received"
+            again = "; Ctrl-C again stops at once without saving"
+        else:
+            what, again = "SIGTERM received", ""
+        if self.cfg.checkpoint.enable:
+            print_rank0(f"{what}: saving a checkpoint at step {self.step} and stopping{again}", self.rank)
+            self.checkpoint.save(self.step)
+        else:
+            print_rank0(f"{what}: stopping at step {self.step} (checkpoint.enable is false: nothing saved)", self.rank)
+        self.metrics.close()
+
+
+# How long a rank that reported an error waits for scripts/run_train.sh to end the job.
+_LAUNCHER_GRACE_SECONDS = 60
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # Set by scripts/run_train.sh. Under it the launcher prints a user mistake and owns the exit
+    # code (2 for a mistake, 130 for Ctrl-C): the ranks exit 0, because torchrun prints a
+    # failure report with tracebacks for any rank that exits non-zero.
     error_file = os.environ.get("TITAN_CP_ERROR_FILE")
+    stopped_by = None
     try:
         cfg = load_config(argv)
-        Trainer(cfg).train()
+        stopped_by = Trainer(cfg).train()
     except UserError as error:
-        # One rank per node: each node's launcher then reports the line and exits non-zero.
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            if error_file:
-                with open(error_file, "w") as f:
-                    f.write(f"error: {error}\n")
-            else:
+        if not error_file:
+            if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: {error}", file=sys.stderr, flush=True)
-        # Under scripts/run_train.sh the launcher prints the line and owns the exit code:
-        # exiting 0 here keeps torchrun from printing its own traceback for a user mistake.
-        os._exit(0 if error_file else 2)
+            os._exit(2)
+        # Every failing rank appends its line (one short write each); the launcher prints the
+        # first and ends every rank at once, also those waiting for this one in a collective.
+        # This rank waits for that instead of exiting: its closed connections would make the
+        # others fail first, with tracebacks.
+        with open(error_file, "a") as f:
+            f.write(f"error: {error}\n")
+        time.sleep(_LAUNCHER_GRACE_SECONDS)
+        os._exit(0)
     except torch.OutOfMemoryError:
-        # Any rank may run out alone: it reports one line and exits non-zero, so torchrun stops
-        # the others (the launcher then hides torchrun's own report).
+        # Any rank may run out alone. It reports like a user mistake: one line, and under the
+        # launcher, which then ends every rank at once, no traceback from the ranks waiting for it.
         message = f"error: {out_of_memory_message()}\n"
-        if error_file:
-            with open(error_file, "w") as f:
-                f.write(message)
-        else:
+        if not error_file:
             sys.stderr.write(message)
             sys.stderr.flush()
+            os._exit(3)
+        with open(error_file, "a") as f:
+            f.write(message)
+        time.sleep(_LAUNCHER_GRACE_SECONDS)
         os._exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if stopped_by == signal.SIGINT and not error_file:
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

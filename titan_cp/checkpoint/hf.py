@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from titan_cp.checkpoint.hf_serving import SERVING_FILE_NAMES, ServingFiles
 from titan_cp.distributed_tensor import local_region
-from titan_cp.errors import UserError
+from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.models.llama3.args import TransformerModelArgs
 from titan_cp.models.llama3.model import Transformer
 from titan_cp.models.llama3.state_dict_adapter import (
@@ -184,16 +184,6 @@ def _replaceable(out_dir: Path) -> bool:
     return all(p.name in _HF_FOLDER_FILES or p.suffix == ".safetensors" for p in out_dir.iterdir())
 
 
-def _agree_on_error(message: str | None) -> None:
-    """Rank 0 decides; every rank raises the same error, so none waits on a collective forever."""
-    if dist.is_available() and dist.is_initialized():
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise UserError(message)
-
-
 def export_hf(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     args: TransformerModelArgs,
@@ -225,7 +215,7 @@ def export_hf(
                 tmp_dir.mkdir(parents=True)
             except OSError as e:
                 error = f"{tmp_dir}: cannot create the export folder ({e})"
-    _agree_on_error(error)
+    raise_on_every_rank(error)
 
     sizes = {name: t.numel() * dtype.itemsize for name, t in hf_state.items()}
     shards = _plan_shards(sizes, max_shard_bytes)
@@ -255,7 +245,7 @@ def export_hf(
             error = f"{out_dir}: export failed ({e})"
     if is_writer and error is not None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    _agree_on_error(error)
+    raise_on_every_rank(error)
 
 
 def _finish_export(

@@ -35,11 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from titan_cp.checkpoint.signals import PreemptionFlag
 from titan_cp.config.schema import Checkpoint
-from titan_cp.errors import UserError
+from titan_cp.errors import UserError, first_error_of_any_rank, raise_on_every_rank
 
-__all__ = ["CheckpointManager", "PreemptionFlag", "list_checkpoint_steps"]
+__all__ = ["CheckpointManager", "list_checkpoint_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,31 +199,61 @@ class CheckpointManager:
     def load(self) -> int:
         """Restore the configured checkpoint; return its step, or 0 when there is none to resume.
 
-        `initial_load_path` (weights for a fresh start) is the trainer's job, through hf.py.
+        With checkpoint.load_step = -1 the newest checkpoint that loads completely is used: a
+        damaged newer one (a cut-short or unreadable file) gets one warning line and is left on
+        disk as it is. `initial_load_path` (weights for a fresh start) is the trainer's job.
         """
         if not self.cfg.enable:
             return 0
-        step, error = _from_rank0(self._pick_step())
+        candidates, error = _from_rank0(self._candidates())
         if error:
             raise UserError(error)
-        if step is None:
-            return 0
-        self._load_full(self.step_dir(step))
-        return step
+        for step in candidates:
+            path = self.step_dir(step)
+            damage = _from_rank0(_damage(path) if self.rank == 0 else None) or self._try_load(path)
+            if damage is None:
+                return step
+            if step == candidates[-1]:
+                raise UserError(
+                    f"checkpoint {damage}; no complete checkpoint in {self.folder} loads: move the"
+                    f" damaged step folder(s) away to start from scratch, or use another job.dump_folder"
+                    if self.cfg.load_step == -1
+                    else f"checkpoint {damage}; choose another checkpoint.load_step (-1: the newest that loads)"
+                )
+            if self.rank == 0:
+                print(f"warning: checkpoint {damage}; left as it is, trying the next older checkpoint", flush=True)
+        return 0
 
-    def _pick_step(self) -> tuple[int | None, str | None]:
-        """(step to resume, None), (None, None) for a fresh start, or (None, error message)."""
+    def _candidates(self) -> tuple[list[int], str | None]:
+        """(steps to try, newest first; [] for a fresh start, None) or ([], error message)."""
         steps = list_checkpoint_steps(self.folder)
         wanted = self.cfg.load_step
         if wanted == -1:
-            return (steps[-1] if steps else None), None
+            return steps[::-1], None
         if wanted in steps:
-            return wanted, None
+            return [wanted], None
         available = ", ".join(map(str, steps)) if steps else "none"
-        return None, (
+        return [], (
             f"checkpoint.load_step {wanted}: no complete checkpoint step-{wanted} in {self.folder};"
             f" complete steps there: {available} (-1 resumes from the latest)"
         )
+
+    def _try_load(self, path: str) -> str | None:
+        """Load `path`; None on success, else what is damaged (the same on every rank).
+
+        DCP gathers a failure to read any rank's shard into an exception on every rank, so all
+        ranks leave together. A model mismatch is the user's mistake, not damage: it is raised.
+        """
+        try:
+            self._load_full(path)
+            error = None
+        except UserError:
+            raise
+        # Any failure to read the files means damage. DCP's CheckpointException is a
+        # BaseException, not an Exception.
+        except (Exception, dcp.CheckpointException) as e:
+            error = f"{path} is damaged ({_short_reason(e)})"
+        return first_error_of_any_rank(error)
 
     def _load_full(self, path: str) -> None:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -241,7 +270,7 @@ class CheckpointManager:
         rng_key = f"rng.rank{self.rank}"
         if rng_key in saved:
             state["rng"] = {f"rank{self.rank}": b""}
-        _raise_agreed(_tensor_mismatch(saved, state, path))
+        raise_on_every_rank(_tensor_mismatch(saved, state, path))
 
         dcp.load(state, storage_reader=dcp.FileSystemReader(path))
 
@@ -254,7 +283,7 @@ class CheckpointManager:
         self.extra_state.update(_unpack(state["extra"]))
         if self.dataloader is not None:
             loader_state, error = self._own_loader_state(state["dataloader"], path)
-            _raise_agreed(error)
+            raise_on_every_rank(error)
             self.dataloader.load_state_dict(_unpack(loader_state))
         if "rng" in state:
             _set_rng_state(_unpack(state["rng"][f"rank{self.rank}"]))
@@ -278,6 +307,38 @@ class CheckpointManager:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _damage(path: str) -> str | None:
+    """What makes the checkpoint folder `path` unloadable, found without loading it, or None.
+
+    DCP's `.metadata` lists for every stored item its file, offset and length (`storage_data`,
+    written by FileSystemWriter); a file shorter than an item's end was cut short (a full disk, a
+    copy interrupted). Checked first so the message can name the file.
+    """
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # an unreadable .metadata is damage, whatever the error
+        return f"{os.path.join(path, '.metadata')} is damaged ({_short_reason(e)})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) < size:
+            return f"{file} is damaged (cut short: {os.path.getsize(file)} of {size} bytes)"
+    return None
+
+
+def _short_reason(error: BaseException) -> str:
+    """One line for an exception; for DCP's CheckpointException, the first failing rank's error."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = next(iter(failures.values()))
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _tensor_mismatch(saved: Mapping[str, Any], state: dict[str, Any], path: str) -> str | None:
@@ -356,16 +417,6 @@ def _from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _raise_agreed(error: str | None) -> None:
-    """Raise the first rank's error on every rank, so no rank walks into a collective alone."""
-    if _distributed():
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise UserError(error)
 
 
 def _fsync_dir(path: str) -> None:

@@ -2,7 +2,7 @@
 
 Precedence is command line > TOML > schema defaults. Every value is typed and checked against
 the schema in `schema.py`, and every mistake becomes a one-line `UserError` naming the key and
-where it came from (DESIGN.md invariant 6). Checks that need the world size or the model live
+where it came from (invariant 7 in docs/architecture.md). Checks that need the world size or the model live
 with the parts that know them.
 """
 
@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import sys
+import types
 import typing
 from typing import Any, Literal
 
@@ -63,10 +64,28 @@ def _choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
+def _is_auto_bool(tp: Any) -> bool:
+    """`bool | Literal["auto"]` (schema.AutoBool): true, false, or auto."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {
+        bool,
+        Literal["auto"],
+    }
+
+
+def _list_item(tp: Any) -> Any:
+    """The item type of a `list[...]` key, None for any other key."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def _type_name(tp: Any) -> str:
     choices = _choices(tp)
     if choices is not None:
         return "{" + ",".join(str(c) for c in choices) + "}"
+    if _is_auto_bool(tp):
+        return "{true,false,auto}"
+    item = _list_item(tp)
+    if item is not None:
+        return f"list[{_type_name(item)}]"
     return tp.__name__
 
 
@@ -75,6 +94,11 @@ def _expected(tp: Any) -> str:
     choices = _choices(tp)
     if choices is not None:
         return "one of " + ", ".join(str(c) for c in choices)
+    if _is_auto_bool(tp):
+        return "true, false or auto"
+    item = _list_item(tp)
+    if item is not None:
+        return f"a list (TOML array, or comma-separated on the command line) of {_expected(item)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
@@ -83,19 +107,28 @@ def _format_default(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_default(v) for v in value) + "]"
     return repr(value)
 
 
 def _parse_cli_value(key: _Key, text: str) -> Any:
     """Turn the text after `--section.key` into a value of the key's type."""
     bad = UserError(f"--{key.full}: expected {_expected(key.type)}, got {text!r}")
+    item = _list_item(key.type)
+    if item is not None:
+        # "a,b" -> ["a", "b"]; an empty value is the empty list.
+        items = [part.strip() for part in text.split(",")] if text.strip() else []
+        return [_parse_cli_value(dataclasses.replace(key, type=item), part) for part in items]
     choices = _choices(key.type)
     if choices is not None:
         if text not in choices:
             raise bad
         return text
-    if key.type is bool:
+    if key.type is bool or _is_auto_bool(key.type):
         lowered = text.strip().lower()
+        if lowered == "auto" and _is_auto_bool(key.type):
+            return "auto"
         if lowered not in ("true", "false"):
             raise bad
         return lowered == "true"
@@ -118,11 +151,18 @@ def _parse_cli_value(key: _Key, text: str) -> Any:
 def _check_toml_value(key: _Key, value: Any, path: str) -> Any:
     """Check a TOML value against the key's type; ints are accepted where floats are expected."""
     tp = key.type
+    item = _list_item(tp)
+    if item is not None:
+        if not isinstance(value, list):
+            raise UserError(f"{key.full} in {path}: expected {_expected(tp)}, got {value!r}")
+        return [_check_toml_value(dataclasses.replace(key, type=item), v, path) for v in value]
     choices = _choices(tp)
     if choices is not None:
         if isinstance(value, bool) and ("true" in choices or "false" in choices):
             value = "true" if value else "false"  # a tri-state key: `key = false` in TOML is the choice
         ok = isinstance(value, str) and value in choices
+    elif _is_auto_bool(tp):
+        ok = isinstance(value, bool) or value == "auto"
     elif tp is float:
         # bool is an int subclass in Python, but `lr = true` is a mistake, not 1.0.
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -243,6 +283,7 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
         "-1 (fill the world size) or >= 1",
     )
     check("parallelism.context_parallel_degree", p.context_parallel_degree >= 1, ">= 1")
+    check("parallelism.context_parallel_ulysses_degree", p.context_parallel_ulysses_degree >= 1, ">= 1")
     check("parallelism.fsdp_prefetch", p.fsdp_prefetch >= 0, ">= 0 (0 leaves prefetching to FSDP2)")
     check("parallelism.heads_k_stride", p.heads_k_stride >= 1, ">= 1")
     check("checkpoint.interval", cfg.checkpoint.interval >= 1, ">= 1")
@@ -292,8 +333,3 @@ def load_config(argv: list[str]) -> JobConfig:
         setattr(getattr(cfg, section), name, value)
     _validate(cfg, source)
     return cfg
-
-
-def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
-    """The config as nested plain dicts ({section: {key: value}}), for logs and checkpoint metadata."""
-    return dataclasses.asdict(cfg)

@@ -7,6 +7,9 @@ Key names follow torchtitan v0.2.2 where it has them. Every field carries a one-
 from dataclasses import dataclass, field
 from typing import Literal
 
+# A boolean that may also be left to the device: "auto" decides when the run starts.
+AutoBool = bool | Literal["auto"]
+
 
 def option(default, help: str):
     """A config field with its help text."""
@@ -38,6 +41,13 @@ class Model:
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
         " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package)",
+    )
+    converters: list[Literal["float8"]] = field(
+        default_factory=list,
+        metadata={
+            "help": "model rewrites applied before parallelisation: float8 (torchao Float8 linear layers,"
+            " CUDA only, pip install titan_cp[float8]); a TOML array or a comma list on the command line"
+        },
     )
 
 
@@ -79,6 +89,11 @@ class Training:
         "auto", "a document longer than seq_len: split into pieces, truncate to its first seq_len tokens,"
         " or drop it; auto: split for text, truncate for the other formats",
     )
+    dataset_cache_dir: str = option(
+        "",
+        "folder for token caches (tokenized once, reused while the data, tokenizer and format are unchanged);"
+        " empty: .titan_cp_cache next to the dataset",
+    )
     seq_len: int = option(2048, "tokens per sequence (the full length, before cp sharding)")
     local_batch_size: int = option(8, "sequences per micro-batch on each data-parallel rank")
     global_batch_size: int = option(
@@ -105,6 +120,19 @@ class Training:
     enable_cpu_offload: bool = option(
         False, "keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy);"
         " the optimizer step runs on the CPU",
+    )
+
+
+@dataclass
+class Validation:
+    enable: bool = option(False, "compute the loss on validation.dataset_path every validation.freq steps")
+    dataset_path: str = option(
+        "", "validation data in any form training.dataset_path accepts; read with the training's tokenizer,"
+        " format, seq_len and packing",
+    )
+    freq: int = option(500, "steps between validation runs (at every step divisible by it)")
+    steps: int = option(
+        -1, "validation steps of training.global_batch_size sequences each; -1 reads the whole validation set once"
     )
 
 
@@ -153,8 +181,10 @@ class Checkpoint:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "selective", "full"] = option(
-        "none", "recompute activations in backward: none, selective (keeps attention outputs), full"
+    mode: Literal["none", "selective", "full", "full_except_attention"] = option(
+        "none",
+        "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full, or"
+        " full_except_attention (recomputes each block but keeps attention's output and LSE)",
     )
     offload: bool = option(
         False, "copy the activations each block keeps for backward to pinned host memory during forward"
@@ -164,12 +194,18 @@ class ActivationCheckpoint:
 
 @dataclass
 class Compile:
-    enable: bool = option(False, "torch.compile each transformer block")
+    enable: AutoBool = option("auto", "torch.compile each transformer block: true, false, or auto (on for CUDA, off on CPU)")
 
 
 @dataclass
 class Metrics:
     log_freq: int = option(10, "steps between metric records")
+    enable_tensorboard: bool = option(
+        False, "also write TensorBoard events to {job.dump_folder}/tb (needs the tensorboard extra)"
+    )
+    enable_wandb: bool = option(
+        False, "also log to Weights & Biases, project from WANDB_PROJECT (needs the wandb extra)"
+    )
 
 
 @dataclass
@@ -194,6 +230,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)

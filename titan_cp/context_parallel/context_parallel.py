@@ -7,7 +7,7 @@ an `attention(q, k, v, attention_context)` entry point:
   attn_implementation = flash_attn) in the zigzag or contiguous layout;
 - packing (any cp), or ring_attn_func = varlen_llama3: all-gather K/V varlen attention over the
   documents, which are found from the positions (a document starts where the position is 0).
-The batch ring is not document-aware, so it refuses packed batches (DESIGN.md invariant 5).
+The batch ring is not document-aware, so it refuses packed batches (invariant 5 in docs/architecture.md).
 With parallelism.context_parallel_ulysses_degree = u > 1 the cp mesh is (cp_ring, ulysses): the
 Ulysses all-to-all (ulysses.py) wraps whichever of the above runs over the cp / u ring ranks.
 """
@@ -99,7 +99,7 @@ class ContextParallel:
                 "parallelism.ring_attn_func = batch_ring cannot mask packed documents"
                 " (training.sample_packing = true); use auto or varlen_llama3"
             )
-        if self.heads_k_stride < 1 or n_kv_heads % self.heads_k_stride != 0:
+        if n_kv_heads % self.heads_k_stride != 0:
             raise UserError(
                 f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
                 f" {n_kv_heads} KV heads" + (" per Ulysses rank" if self.ulysses > 1 else "")

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attn_module
 from titan_cp.context_parallel.varlen_kernels import VarlenSegments, varlen_backward, varlen_forward
-from titan_cp.errors import UserError
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives (`*_single`); older releases (the
 # GPU machines run 2.11) only have the `*_tensor` names. Same semantics.
@@ -55,15 +54,14 @@ def varlen_llama3_attention(
 ) -> Tensor:
     """Document-masked causal attention of this rank's contiguous shard of a packed batch.
 
+    `heads_k_stride` must divide the KV heads: `ContextParallel.validate` checks it once, before
+    training (the config checks that it is >= 1).
+
     q `[B, S/cp, Hq, D]`, k/v `[B, S/cp, Hkv, D]`; cu_seqlens are the global boundaries over the
     flattened full B*S tokens (`document_cu_seqlens`); cp_group None means cp = 1. kernel is a
     name from `kernels.resolve_attn_implementation`. Returns `[B, S/cp, Hq, D]` in q's dtype.
     """
     n_kv = k.shape[2]
-    if heads_k_stride < 1 or n_kv % heads_k_stride:
-        raise UserError(
-            f"parallelism.heads_k_stride = {heads_k_stride} must divide the {n_kv} KV heads"
-        )
     if q.shape[2] % n_kv:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {n_kv} KV heads")
     cp, rank = _group_size_rank(cp_group)

@@ -1,8 +1,7 @@
-"""The texts of a text dataset, for the in-memory loader (`loader.py`).
+"""The texts of a text dataset as a list, for tools that want plain documents (a benchmark's corpus).
 
 Records come from `titan_cp.data.records` (every file format it reads); each needs a `text`
-string. Chat and instruction formats are encoded, with their target masks, by
-`titan_cp.data.formats`.
+string. Training encodes datasets through `titan_cp.data.formats` instead, with target masks.
 """
 
 from pathlib import Path

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.config.schema import Training
-from titan_cp.data.corpus import tokenize_corpus
-from titan_cp.data.documents import read_documents
-from titan_cp.data.packing import PackedSamples
+from titan_cp.data.cache_reader import TokenCache
+from titan_cp.data.corpus import open_corpus
+from titan_cp.data.formats import Encoder, resolve_truncation
+from titan_cp.data.packing import TRUNCATION_VERBS, PackedSamples, load_or_plan
 from titan_cp.data.tokenizer import Tokenizer
 from titan_cp.data.windows import WindowSamples
 from titan_cp.errors import UserError
@@ -37,9 +38,6 @@ class Batch:
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, labels, positions), the argument order of ContextParallel.shard."""
         return self.tokens, self.labels, self.positions
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in self.as_tuple()))
 
 
 class DataLoader:
@@ -106,12 +104,20 @@ class DataLoader:
         self._micro_batch = consumed // per_micro_batch
 
     def summary(self) -> str:
-        f = self._fingerprint
-        return (
-            f"data: {f['documents']} documents, {f['tokens']} tokens, {len(self.samples)} samples of"
-            f" {f['seq_len']} tokens per epoch, packing {f['sample_packing']}"
-            f" (padding {100 * self.samples.padding_fraction:.2f}%)"
+        """One line for the start of a run: the cache used, the samples, padding and cut documents."""
+        cache, samples = self.samples.cache, self.samples
+        line = (
+            f"data: {cache.num_documents} documents, {cache.num_tokens} tokens ({cache.num_targets} targets)"
+            f" from the token cache {cache.folder}; {len(samples)} samples of {samples.seq_len} tokens per"
+            f" epoch, packing {isinstance(samples, PackedSamples)} (padding {100 * samples.padding_fraction:.2f}%)"
         )
+        if isinstance(samples, PackedSamples) and samples.plan.cut_documents:
+            line += (
+                f"; {samples.plan.cut_documents} documents longer than {samples.seq_len} tokens were"
+                f" {TRUNCATION_VERBS[samples.truncation]}"
+                f" (training.truncation = {samples.truncation})"
+            )
+        return line
 
 
 def build_dataloader(
@@ -121,31 +127,45 @@ def build_dataloader(
 
     Micro-batch n of this rank holds global samples (n * dp_world_size + dp_rank) * b + k for
     k < b = training.local_batch_size, so each optimizer step reads the same global_batch_size
-    samples for any split into dp ranks and accumulation steps (module docstring). Tokenizes the
-    whole dataset in memory; raises UserError for a bad dataset path, file or size.
+    samples for any split into dp ranks and accumulation steps (module docstring); the trainer has
+    checked that training.global_batch_size is a multiple of local_batch_size x dp. Raises
+    UserError for a bad dataset path, file or size.
     """
     b, seq_len = training.local_batch_size, training.seq_len
     if not 0 <= dp_rank < dp_world_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
-    if training.global_batch_size != -1 and training.global_batch_size % (b * dp_world_size):
-        raise UserError(
-            f"training.global_batch_size: {training.global_batch_size} is not a multiple of"
-            f" training.local_batch_size x dp = {b} x {dp_world_size}"
-        )
-    corpus = tokenize_corpus(read_documents(training.dataset_path), tokenizer)
-    if corpus.num_tokens < seq_len + 1:
-        raise UserError(
-            f"training.dataset_path: {training.dataset_path} has {corpus.num_tokens} tokens"
-            f" (BOS/EOS included), fewer than training.seq_len + 1 = {seq_len + 1} needed for one sample"
-        )
-    if training.sample_packing:
-        samples: WindowSamples | PackedSamples = PackedSamples(corpus, seq_len, tokenizer.pad_id)
-    else:
-        samples = WindowSamples(corpus, seq_len)
+    samples = build_samples(training.dataset_path, "training.dataset_path", training, tokenizer)
     fingerprint = {
-        "documents": corpus.num_documents,
-        "tokens": corpus.num_tokens,
+        "dataset": samples.cache.digest,
         "seq_len": seq_len,
         "sample_packing": training.sample_packing,
     }
     return DataLoader(samples, b, dp_rank, dp_world_size, seed, fingerprint)
+
+
+def truncation_of(training: Training, cache: TokenCache) -> str:
+    """training.truncation, with `auto` resolved for the format the cache was built with."""
+    return resolve_truncation(training.truncation, cache.meta["format"])
+
+
+def build_samples(dataset_path: str, key: str, training: Training, tokenizer: Tokenizer) -> WindowSamples | PackedSamples:
+    """The samples of a dataset (`key` names its config key in errors): the token cache is opened,
+    or built by local rank 0 of each node while the others wait, with its packing plan."""
+    seq_len = training.seq_len
+
+    def add_plan(cache: TokenCache) -> None:
+        load_or_plan(cache, seq_len, truncation_of(training, cache))
+
+    encoder = Encoder(tokenizer, training.dataset_format, training.train_on_inputs)
+    cache = open_corpus(
+        dataset_path, training.dataset_cache_dir, encoder, key, then=add_plan if training.sample_packing else None
+    )
+    if cache.num_tokens < seq_len + 1:
+        raise UserError(
+            f"{key}: {dataset_path} has {cache.num_tokens} tokens (BOS/EOS included), fewer than"
+            f" training.seq_len + 1 = {seq_len + 1} needed for one sample"
+        )
+    if not training.sample_packing:
+        return WindowSamples(cache, seq_len)
+    truncation = truncation_of(training, cache)
+    return PackedSamples(cache, load_or_plan(cache, seq_len, truncation), seq_len, truncation, tokenizer.pad_id)

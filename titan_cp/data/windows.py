@@ -1,30 +1,31 @@
 """Samples without packing: fixed-length windows cut from the concatenated token stream.
 
-Window i is `stream[i*S : i*S + S + 1]` (S = seq_len): consecutive windows share one token, so
-every stream token after the first is a target exactly once and none is lost at a window edge.
-The shift happens here, on the full window, before any cp sharding (DESIGN.md invariant 2).
+Window i covers stream tokens [i*S, i*S + S) (S = seq_len) and their labels, the next tokens
+where those are targets: consecutive windows share no input token, and the last label of a
+window is the first token of the next, so no target is lost at a window edge. The shift happens
+here, on the full window, before any cp sharding (invariant 2 in docs/architecture.md).
 """
 
 import torch
 
-from titan_cp.data.corpus import Corpus
+from titan_cp.data.cache_reader import TokenCache
 
 
 class WindowSamples:
-    """Random access to the windows of a corpus; the tail shorter than S + 1 is not used."""
+    """Random access to the windows of a token cache; the tail shorter than S + 1 is not used."""
 
-    def __init__(self, corpus: Corpus, seq_len: int) -> None:
-        self.stream = corpus.tokens
+    def __init__(self, cache: TokenCache, seq_len: int) -> None:
+        self.cache = cache
         self.seq_len = seq_len
         self._positions = torch.arange(seq_len, dtype=torch.int64)
 
     def __len__(self) -> int:
-        return max(0, (len(self.stream) - 1) // self.seq_len)
+        return max(0, (self.cache.num_tokens - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, labels, positions), each [seq_len] int64."""
-        window = self.stream[i * self.seq_len : i * self.seq_len + self.seq_len + 1]
-        return window[:-1], window[1:], self._positions
+        span = self.cache.span(i * self.seq_len, self.seq_len)
+        return torch.from_numpy(span.tokens), torch.from_numpy(span.labels), self._positions
 
     @property
     def padding_fraction(self) -> float:

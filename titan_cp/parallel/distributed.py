@@ -49,9 +49,14 @@ def set_collective_timeout(seconds: int) -> None:
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
+        # Judged on the node's process count, not this rank's index, so that every rank raises
+        # (a rank with a valid index would otherwise wait for the others until the timeout).
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+        visible = torch.cuda.device_count()
+        if per_node > visible:
             raise UserError(
-                f"NGPU asks for local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible"
+                f"NGPU={per_node} processes per node but only {visible} GPU(s) are visible;"
+                f" set NGPU to at most {visible} (or CUDA_VISIBLE_DEVICES to more GPUs)"
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

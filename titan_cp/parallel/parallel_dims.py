@@ -32,13 +32,7 @@ class ParallelDims:
         cp = parallelism.context_parallel_degree
         dp_shard = parallelism.data_parallel_shard_degree
         ulysses = parallelism.context_parallel_ulysses_degree
-        for key, value in (
-            ("data_parallel_replicate_degree", dp_replicate),
-            ("context_parallel_degree", cp),
-            ("context_parallel_ulysses_degree", ulysses),
-        ):
-            if value < 1:
-                raise UserError(f"parallelism.{key} = {value}: must be >= 1")
+        # Each degree's own range (>= 1; -1 or >= 1 for dp_shard) is checked by the config loader.
         if dp_shard == -1:
             if world_size % (dp_replicate * cp) != 0:
                 raise UserError(
@@ -46,8 +40,6 @@ class ParallelDims:
                     f" {dp_replicate} x parallelism.context_parallel_degree {cp}"
                 )
             dp_shard = world_size // (dp_replicate * cp)
-        elif dp_shard < 1:
-            raise UserError(f"parallelism.data_parallel_shard_degree = {dp_shard}: must be -1 or >= 1")
         if dp_replicate * dp_shard * cp != world_size:
             raise UserError(
                 f"parallelism degrees dp_replicate {dp_replicate} x dp_shard {dp_shard} x cp {cp}"
@@ -87,7 +79,7 @@ class ParallelDims:
             )
         else:
             fsdp = init_device_mesh(device_type, (self.dp_shard * self.cp,), mesh_dim_names=("dp_shard_cp",))
-        return Meshes(world=world, cp=self._cp_mesh(world, device_type), fsdp=fsdp)
+        return Meshes(cp=self._cp_mesh(world, device_type), fsdp=fsdp)
 
     def _cp_mesh(self, world: DeviceMesh, device_type: str) -> DeviceMesh | None:
         """The cp ranks of this rank's sequence: 1-D ("cp"), or 2-D ("cp_ring", "ulysses")."""
@@ -121,11 +113,10 @@ def _check_ulysses(ulysses: int, cp: int, processes_per_node: int) -> None:
 
 @dataclass
 class Meshes:
-    """`world` has dims (dp_replicate, dp_shard, cp); the loss reduces over all of it (dp x cp).
+    """The meshes the trainer uses, views of one world mesh with dims (dp_replicate, dp_shard, cp).
 
-    `cp` is None at cp = 1, 1-D ("cp") without Ulysses and 2-D ("cp_ring", "ulysses") with it.
+    `fsdp` shards over dp_shard x cp (HSDP: replicate x that). `cp` is None at cp = 1, 1-D ("cp") without Ulysses and 2-D ("cp_ring", "ulysses") with it.
     """
 
-    world: DeviceMesh
     cp: DeviceMesh | None
     fsdp: DeviceMesh

@@ -17,13 +17,18 @@ from torch.utils.checkpoint import checkpoint
 
 from titan_cp.parallel.activation_offload import apply_activation_offload
 from titan_cp.parallel.parallel_dims import ParallelDims
+from titan_cp.parallel.save_attention import checkpoint_except_attention
 from titan_cp.parallel.sequence_tiling import tile_over_sequence
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def checkpoint_module(module: nn.Module) -> None:
-    """Recompute `module`'s forward in backward, keeping its parameter names.
+def _checkpoint(fn, *args, **kwargs):
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_module(module: nn.Module, checkpoint_fn=_checkpoint) -> None:
+    """Recompute `module`'s forward in backward through `checkpoint_fn`, keeping its parameter names.
 
     Wrapping the instance's forward (rather than the module) keeps state-dict keys identical
     with and without checkpointing, so checkpoints and HF export do not depend on the mode.
@@ -32,13 +37,14 @@ def checkpoint_module(module: nn.Module) -> None:
 
     @wraps(inner)
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint_fn(inner, *args, **kwargs)
 
     module.forward = forward
 
 
 def checkpoint_block(block: nn.Module, mode: str, recompute_feed_forward: bool = True) -> None:
-    """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward.
+    """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward;
+    `full_except_attention` recomputes the whole block but the attention kernel (save_attention.py).
 
     Selective keeps what attention saves (q, k, v, its output and LSE), so backward never
     repeats the attention kernel or its context-parallel communication, the costliest part of
@@ -48,6 +54,8 @@ def checkpoint_block(block: nn.Module, mode: str, recompute_feed_forward: bool =
     """
     if mode == "full":
         checkpoint_module(block)
+    elif mode == "full_except_attention":
+        checkpoint_module(block, checkpoint_except_attention)
     elif mode == "selective":
         modules = [block.attention_norm, block.ffn_norm]
         if recompute_feed_forward:
@@ -61,6 +69,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, mlp_chunk_size: 
         if mlp_chunk_size > 0:
             tile_over_sequence(block.feed_forward, mlp_chunk_size)
         checkpoint_block(block, mode, recompute_feed_forward=mlp_chunk_size == 0)
+
+
+def compile_enabled(enable: bool | str, device: torch.device) -> bool:
+    """compile.enable: `auto` compiles on CUDA (fused norms, RoPE and SwiGLU) and not on CPU,
+    where compiling costs more time than the short test runs it would speed up."""
+    return device.type == "cuda" if enable == "auto" else bool(enable)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -100,7 +114,7 @@ def apply_fsdp(
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
     Gradients are summed, not averaged: the loss is already
-    divided by the global token count (DESIGN.md invariant 4), so gradients equal cp=1's.
+    divided by the global token count (invariant 4 in docs/architecture.md), so gradients equal cp=1's.
     `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`). `cpu_offload`
     (training.enable_cpu_offload) keeps the sharded parameters, their gradients and so the
     optimizer state in host memory; FSDP2 copies each unit's shards to the device for its
@@ -147,7 +161,7 @@ def parallelize_llama(
     apply_activation_checkpointing(model, activation_checkpoint.mode, training.mlp_chunk_size)
     if activation_checkpoint.offload:
         apply_activation_offload(list(model.layers.values()), device)
-    if compile.enable:
+    if compile_enabled(compile.enable, device):
         apply_compile(model)
     if parallel_dims.uses_fsdp or device.type == "cuda" or training.enable_cpu_offload:
         # CPU runs stay fp32 (no fast bf16 kernels there); on GPU FSDP also applies the
