@@ -12,7 +12,7 @@ The tokenizer is the shipped assets/tokenizer/tokenizer.json. Needs transformers
 """
 
 import argparse
-import shutil
+import os
 import tempfile
 from pathlib import Path
 
@@ -64,14 +64,15 @@ def build(output: Path) -> None:
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    # Written aside and moved into place, so a failed build leaves the shipped folder intact.
+    # Written aside and moved into place, so a failed build leaves the shipped folder intact
+    # (and its README.md, which transformers does not write, stays).
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
-        staging = Path(tmp) / output.name
+        staging = Path(tmp)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        output.mkdir(exist_ok=True)
+        for file in staging.iterdir():
+            os.replace(file, output / file.name)
 
 
 def main() -> None:

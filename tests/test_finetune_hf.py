@@ -1,9 +1,10 @@
-"""Fine-tune a transformers-written Llama through the launcher, as a user would.
+"""Fine-tune a transformers-written Llama on packed chat data through the launcher, as a user would.
 
-The folder has an explicit head_dim (12, not hidden 32 / 4 heads) and tied embeddings, so it
-matches no built-in flavor. The same packed fine-tuning job runs with cp = 1, 2 and 3 and must
-report the same losses; its first loss must equal transformers' loss on the same first batch
-(each packed document scored on its own); the exported folder must serve in transformers.
+The folder has an explicit head_dim (12, not hidden 32 / 4 heads), tied embeddings and
+attention and MLP biases (which FSDP shards like any parameter), so it matches no built-in flavor. The same packed chat fine-tuning job runs with cp = 1, 2 and 3 and
+must report the same losses; its first loss must equal transformers' loss on the same first batch
+(each packed conversation scored on its own, prompts masked); the exported folder must serve in
+transformers.
 """
 
 import json
@@ -16,16 +17,28 @@ import torch
 import torch.nn.functional as F
 
 from tests.hf_utils import save_random_llama, save_tokenizer_files
-from tests.train_utils import REPO, assert_close_losses, read_metrics, run_train
+from tests.train_utils import REPO, assert_close_losses, assert_one_error_line, read_metrics, run_train
 from titan_cp.config.schema import Training
 from titan_cp.data import Tokenizer, build_dataloader
 
 SEQ_LEN, BATCH, STEPS = 96, 2, 3  # 96 splits into 2 * cp chunks for cp = 1, 2 and 3
 
 
-def _documents() -> list[str]:
-    lines = (REPO / "assets" / "data" / "tinyshakespeare.txt").read_text().split("\n\n")
-    return [line for line in lines if line.strip()][:40]
+def _conversations() -> list[dict]:
+    """Multi-turn chats, some with a system message, built from the shipped corpus."""
+    blocks = (REPO / "assets" / "data" / "tinyshakespeare.txt").read_text().split("\n\n")
+    lines = [line for block in blocks[:60] for line in block.splitlines()[1:] if line.strip()]
+    conversations = []
+    for i in range(0, 120, 4):
+        messages = [{"role": "system", "content": "Answer in verse."}] if i % 8 == 0 else []
+        messages += [
+            {"role": "user", "content": lines[i]},
+            {"role": "assistant", "content": lines[i + 1]},
+            {"role": "user", "content": lines[i + 2]},
+            {"role": "assistant", "content": lines[i + 3]},
+        ]
+        conversations.append({"messages": messages})
+    return conversations
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +46,11 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     folder = root / "hf_model"
     save_random_llama(folder, vocab_size=2048, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                      head_dim=12, tied=True, rope_theta=500000.0)  # fmt: skip
+                      head_dim=12, tied=True, rope_theta=500000.0,
+                      attention_bias=True, mlp_bias=True)  # fmt: skip
     save_tokenizer_files(folder)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in _documents()))
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in _conversations()))
     return folder, data, root
 
 
@@ -47,7 +61,7 @@ def _overrides(folder, data, *extra: str) -> list[str]:
         "--training.dataset_path", str(data), "--training.sample_packing", "true",
         "--training.seq_len", str(SEQ_LEN), "--training.local_batch_size", str(BATCH),
         "--training.steps", str(STEPS), "--metrics.log_freq", "1", "--debug.deterministic", "true",
-        "--lr_scheduler.warmup_steps", "1", *extra,
+        "--lr_scheduler.warmup_steps", "1", "--training.dataset_cache_dir", str(data.parent / "cache"), *extra,
     ]  # fmt: skip
 
 
@@ -77,13 +91,18 @@ def test_same_losses_with_cp_1_2_3(runs):
     assert_close_losses(losses[3], losses[1], rtol=1e-5)
 
 
+def _first_batch(folder, data, train_on_inputs: str):
+    training = Training(dataset_path=str(data), dataset_cache_dir=str(data.parent / "cache"), seq_len=SEQ_LEN,
+                        local_batch_size=BATCH, sample_packing=True, train_on_inputs=train_on_inputs)  # fmt: skip
+    return next(iter(build_dataloader(training, Tokenizer(folder), dp_rank=0, dp_world_size=1, seed=0)))
+
+
 def test_first_loss_equals_transformers_per_document(job, runs):
     import transformers
 
     folder, data, _ = job
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    training = Training(dataset_path=str(data), seq_len=SEQ_LEN, local_batch_size=BATCH, sample_packing=True)
-    batch = next(iter(build_dataloader(training, Tokenizer(folder), dp_rank=0, dp_world_size=1, seed=0)))
+    batch = _first_batch(folder, data, "false")
     loss_sum, count = 0.0, 0
     for tokens, labels, positions in zip(*batch.as_tuple()):
         starts = (positions == 0).nonzero().flatten().tolist() + [len(tokens)]
@@ -94,8 +113,18 @@ def test_first_loss_equals_transformers_per_document(job, runs):
             loss_sum += F.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += int((target != -100).sum())
     expected = loss_sum / count
-    reported = runs[1][1][0]["loss"]
-    assert abs(reported - expected) <= 1e-5 * expected, (reported, expected)
+    first = runs[1][1][0]
+    assert abs(first["loss"] - expected) <= 1e-5 * expected, (first["loss"], expected)
+    assert first["ntokens_seen"] == count  # the trainer counted exactly these targets
+
+
+def test_prompts_masked_leave_fewer_targets(job):
+    folder, data, _ = job
+    masked, everything = _first_batch(folder, data, "false"), _first_batch(folder, data, "true")
+    assert torch.equal(masked.tokens, everything.tokens)
+    is_target = masked.labels != -100
+    assert torch.equal(masked.labels[is_target], everything.labels[is_target])  # a subset of the same targets
+    assert 0 < int(is_target.sum()) < int((everything.labels != -100).sum())
 
 
 def test_export_serves_in_transformers(job, runs):
@@ -147,9 +176,4 @@ def test_bad_model_folder_gives_one_line(case, tmp_path):
         command = [sys.executable, "-m", "titan_cp.train", "--job.config_file", "train_configs/finetune_example.toml", *command]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "NGPU": "1"})  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr + result.stdout
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr[-2000:]
-    for word in words:
-        assert word in error_lines[0], error_lines[0]
+    assert_one_error_line(result, words)

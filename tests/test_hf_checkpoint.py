@@ -276,6 +276,9 @@ def test_convert_hf_to_dcp_and_back(hf_model, tmp_path, capsys):
     tokenizer = str(Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "tokenizer.json")
     assert main(["dcp-to-hf", str(dcp_dir), str(hf_dir), "--tokenizer", tokenizer, "--dtype", "float32"]) == 0
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf_dir.iterdir()}
+    import transformers
+
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token == "<|end_of_text|>"  # a bare tokenizer.json serves too
     exported, original = load_file(hf_dir / "model.safetensors"), reference.state_dict()
     tied = reference.config.tie_word_embeddings
     assert exported.keys() == {k for k in original if not (tied and k == "lm_head.weight")}

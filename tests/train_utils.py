@@ -66,6 +66,16 @@ def assert_close_curves(actual: dict[str, list[float]], expected: dict[str, list
     assert_close_losses(actual["grad_norm"], expected["grad_norm"], max(rtol, GRAD_NORM_RTOL), "grad_norm")
 
 
+def assert_one_error_line(result: subprocess.CompletedProcess, words: list[str]) -> None:
+    """A user mistake: exit code 2, no traceback, one `error:` line naming every word."""
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    for word in words:
+        assert word in error_lines[0], error_lines[0]
+
+
 def start_training(dump_folder: Path, *overrides: str, ngpu: int, timeout: float = 180) -> subprocess.Popen:
     """Start the launcher in the background and return once the first metrics record exists.
 

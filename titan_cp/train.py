@@ -23,13 +23,12 @@ from titan_cp.context_parallel import ContextParallel
 from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
+from titan_cp.loss import IGNORE_INDEX
 from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
 from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
-from titan_cp.loss import IGNORE_INDEX
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.output_folder import output_folder_error
-from titan_cp.validation import Validator
 from titan_cp.parallel import (
     ParallelDims,
     init_distributed,
@@ -37,6 +36,7 @@ from titan_cp.parallel import (
     pick_device,
     set_collective_timeout,
 )
+from titan_cp.validation import Validator
 
 
 DEFAULT_TOKENIZER = "assets/tokenizer/tokenizer.json"

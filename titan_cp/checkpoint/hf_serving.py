@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from titan_cp.data import Tokenizer
+from titan_cp.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from titan_cp.data.tokenizer import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
+from titan_cp.data.tokenizer import TOKENIZER_FILE
 from titan_cp.errors import UserError
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Every file name an export writes besides config.json and the weights.
