@@ -25,7 +25,7 @@ from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.loss import IGNORE_INDEX
 from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
-from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
+from titan_cp.metrics import MetricsLogger, flops_per_token, mean_causal_keys, print_rank0
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.output_folder import output_folder_error
@@ -269,13 +269,23 @@ class Trainer:
         return step
 
     def build_metrics(self) -> MetricsLogger:
+        training = self.cfg.training
+        # With packing, attention FLOPs count only the pairs within documents (mean over the data).
+        keys_per_token = _packed_keys_per_token(self.dataloader.samples) if training.sample_packing else None
         flops = flops_per_token(
             self.model_args.num_params(exclude_embedding=True),
             self.model_args.n_layers,
             self.model_args.n_heads,
             self.model_args.head_dim,
-            self.cfg.training.seq_len,
+            training.seq_len,
+            keys_per_token,
         )
+        if keys_per_token is not None:
+            print_rank0(
+                f"flops: packed documents, {keys_per_token:.0f} keys per query on average"
+                f" ({training.seq_len // 2} for causal windows of {training.seq_len})",
+                self.rank,
+            )
         return MetricsLogger(
             self.cfg.job.dump_folder,
             flops,
@@ -409,6 +419,13 @@ class Trainer:
 
 # How long a rank that reported an error waits for scripts/run_train.sh to end the job.
 _LAUNCHER_GRACE_SECONDS = 60
+
+
+def _packed_keys_per_token(samples, most: int = 256) -> float:
+    """Mean keys per query over up to `most` packed windows spread over the dataset (the MFU's
+    attention term; reading every window of a large dataset would delay the start)."""
+    stride = max(1, len(samples) // most)
+    return mean_causal_keys(torch.stack([samples[i][2] for i in range(0, len(samples), stride)]))
 
 
 def main(argv: list[str] | None = None) -> None:

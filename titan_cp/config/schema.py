@@ -40,7 +40,8 @@ class Model:
     attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
-        " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package)",
+        " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package); with packing, cudnn runs"
+        " cuDNN's varlen kernel when the [cudnn] extra is installed, else FA2 varlen",
     )
     converters: list[Literal["float8"]] = field(
         default_factory=list,
@@ -153,7 +154,8 @@ class Parallelism:
         " blocks in forward and the previous N in backward (up to N+1 blocks gathered at once)",
     )
     context_parallel_load_balancer: Literal["zigzag", "none"] = option(
-        "zigzag", "sequence layout for batch_ring: zigzag (2*cp chunks, balanced) or none (contiguous)"
+        "zigzag", "sequence layout: zigzag (balanced causal work: 2*cp chunks for batch_ring, 2*cp chunks of"
+        " every document with packing) or none (contiguous)"
     )
     ring_attn_func: Literal["auto", "batch_ring", "varlen_llama3"] = option(
         "auto", "cp attention: batch_ring (p2p ring) or varlen_llama3 (all-gather K/V); auto picks"
