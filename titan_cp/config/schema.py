@@ -114,6 +114,14 @@ class Training:
     loss_chunk_size: int = option(
         4096, "tokens per chunk of the output projection and loss; 0 computes all logits at once"
     )
+    mlp_chunk_size: int = option(
+        0, "tokens per chunk of the feed-forward, recomputed chunk by chunk in backward so no"
+        " [seq, ffn_dim] intermediate exists for the whole local sequence; 0 runs it in one piece",
+    )
+    enable_cpu_offload: bool = option(
+        False, "keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy);"
+        " the optimizer step runs on the CPU",
+    )
 
 
 @dataclass
@@ -179,6 +187,10 @@ class ActivationCheckpoint:
         "none",
         "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full, or"
         " full_except_attention (recomputes each block but keeps attention's output and LSE)",
+    )
+    offload: bool = option(
+        False, "copy the activations each block keeps for backward to pinned host memory during forward"
+        " and back ahead of the block's backward, on side streams",
     )
 
 
