@@ -8,18 +8,23 @@ Rows, for every sequence length S (cp = number of ranks):
 - single: each local kernel on one device, at S and at the local length S/cp (the baseline of
   the cp efficiency);
 - batch_ring: titan_cp's p2p ring in the zigzag layout, with each kernel;
-- varlen_llama3: titan_cp's all-gather K/V attention over packed documents of random lengths
-  (mean --doc-len), with each kernel, at cp = 1 and over all ranks;
+- varlen_llama3: titan_cp's packed-document attention (one varlen call at cp = 1, all-gather K/V
+  with documents sharded zigzag over all ranks), with each kernel, for each --packed-mixes mix:
+  random (lengths uniform on [1, 2*--doc-len)), uniform (documents of --doc-len), mixed
+  (256 to 16K tokens) and long (one document of S);
+- cudnn_thd: nvidia-cudnn-frontend's own differentiable `cudnn.sdpa_torch` on the same packed
+  documents at cp = 1, the raw cuDNN THD rate titan_cp's cudnn varlen rows are measured against
+  (their efficiency column); an n/a row where the package is not installed;
 - ulysses, ulysses_varlen: titan_cp's Ulysses all-to-all over all ranks around the local causal
-  kernel (dense) and the local varlen kernel (the packed documents), when the ranks divide the
-  query heads;
+  kernel (dense) and the local varlen kernel (each packed mix), when the ranks divide the query
+  heads;
 - native_cp: `torch.distributed.tensor.experimental.context_parallel` around
   `F.scaled_dot_product_attention(is_causal=True)`, its head-tail load balancer (the zigzag
   layout), for each rotate method, with SDPA pinned to cuDNN or flash by `sdpa_kernel`.
 
 FLOPs (printed with the table): causal forward = 2 matmuls x 2 FLOPs x B*H*S*S*D / 2, backward
 = 2.5 x forward, so fwd + bwd = 3.5 x forward = 7*B*H*D*S^2; packed documents count
-sum(L_doc^2) in place of S^2. TFLOP/s per GPU = FLOPs / cp / time; cp efficiency = that rate /
+sum(L_doc^2) in place of S^2 (only the query-key pairs documents really compute). TFLOP/s per GPU = FLOPs / cp / time; cp efficiency = that rate /
 the single-device rate of the same kernel at S/cp. Every CP row is first checked once against
 a single-device reference (PyTorch SDPA on the full sequence, per document when packed) and the
 max error printed. Every row is timed in --rounds rounds that interleave the rows (per round the
@@ -47,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from titan_cp.context_parallel.document_sharding import packed_shards
 from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
 from titan_cp.context_parallel.ring_attention import ring_attention
 from titan_cp.context_parallel.sharding import shard, unshard
@@ -74,6 +80,7 @@ class Row:
     kernel: str
     seq_len: int
     cp: int
+    docs: str = ""  # the packed-document mix of varlen_llama3 / cudnn_thd rows
     ms: Optional[float] = None  # median over rounds of `times`
     times: list[float] = field(default_factory=list)  # per round: the slowest rank's median ms
     tflops_per_gpu: Optional[float] = None
@@ -106,7 +113,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--kernels", nargs="+", default=None,
                    help="default: cudnn flash (and flash_attn if installed) on CUDA, sdpa_cpu on CPU")  # fmt: skip
-    p.add_argument("--doc-len", type=int, default=8192, help="mean document length of the packed rows")
+    p.add_argument("--doc-len", type=int, default=8192, help="document length of the random and uniform mixes")
+    p.add_argument("--packed-mixes", nargs="+", default=["random"], choices=sorted(PACKED_MIXES),
+                   help="document-length mixes of the packed rows (see the docstring)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="which kinds of rows to run")
     p.add_argument("--heads-k-stride", type=int, default=1, help="KV heads gathered at a time by varlen_llama3")
     p.add_argument("--native-rotate", nargs="+", default=["allgather", "alltoall"], choices=["allgather", "alltoall"])
     p.add_argument("--iters", type=int, default=20)
@@ -154,15 +164,35 @@ def _free_port() -> int:
 def document_lengths(seq_len: int, mean: int, generator: torch.Generator) -> list[int]:
     """Random document lengths (uniform on [1, 2*mean - 1]) filling `seq_len`; the last is cut."""
     mean = max(1, min(mean, seq_len // 4))
+    return _fill(seq_len, lambda: int(torch.randint(1, 2 * mean, (1,), generator=generator)))
+
+
+def _fill(seq_len: int, draw: Callable[[], int]) -> list[int]:
     lengths: list[int] = []
     while sum(lengths) < seq_len:
-        lengths.append(int(torch.randint(1, 2 * mean, (1,), generator=generator)))
+        lengths.append(draw())
     lengths[-1] -= sum(lengths) - seq_len
     return lengths
 
 
+PACKED_MIXES: dict[str, Callable[[int, int, torch.Generator], list[int]]] = {
+    "random": lambda seq_len, doc_len, gen: document_lengths(seq_len, doc_len, gen),
+    "uniform": lambda seq_len, doc_len, gen: _fill(seq_len, lambda: min(doc_len, seq_len)),
+    "mixed": lambda seq_len, doc_len, gen: _fill(seq_len, lambda: int(torch.randint(256, 16385, (1,), generator=gen))),
+    "long": lambda seq_len, doc_len, gen: [seq_len],
+}
+METHODS = ["single", "batch_ring", "varlen_llama3", "cudnn_thd", "ulysses", "native_cp"]
+
+
+def with_documents(inputs: Inputs, doc_lengths: list[list[int]]) -> Inputs:
+    """The same tensors, packed as the given documents (per sample)."""
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in doc_lengths])
+    return Inputs(inputs.q, inputs.k, inputs.v, inputs.dout, positions.to(inputs.q.device), doc_lengths)
+
+
 def make_inputs(args: argparse.Namespace, seq_len: int, device: torch.device) -> Inputs:
-    """Identical on every rank: seeded generators, one per sequence length."""
+    """Identical on every rank: seeded generators, one per sequence length; one document per
+    sample (the packed rows re-cut them with `with_documents`)."""
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device=device).manual_seed(args.seed + seq_len)
 
@@ -170,12 +200,9 @@ def make_inputs(args: argparse.Namespace, seq_len: int, device: torch.device) ->
         shape = (args.batch, seq_len, heads, args.head_dim)
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-    cpu_gen = torch.Generator().manual_seed(args.seed + seq_len)
-    doc_lengths = [document_lengths(seq_len, args.doc_len, cpu_gen) for _ in range(args.batch)]
-    positions = torch.stack(
-        [torch.cat([torch.arange(n) for n in lengths]) for lengths in doc_lengths]
-    ).to(device)
-    return Inputs(randn(args.heads), randn(args.kv_heads), randn(args.kv_heads), randn(args.heads), positions, doc_lengths)
+    q, k, v, dout = randn(args.heads), randn(args.kv_heads), randn(args.kv_heads), randn(args.heads)
+    positions = torch.arange(seq_len, device=device).expand(args.batch, seq_len)
+    return Inputs(q, k, v, dout, positions, [[seq_len] for _ in range(args.batch)])
 
 
 def default_kernels(device: torch.device) -> list[str]:
@@ -260,13 +287,14 @@ def dense_inputs(inputs: Inputs) -> Inputs:
     return Inputs(inputs.q, inputs.k, inputs.v, inputs.dout, positions, [[seq_len] for _ in inputs.doc_lengths])
 
 
-def gather_full(local: torch.Tensor, world: int, layout: str) -> torch.Tensor:
-    """The full-length tensor from every rank's shard `local` [B, S/cp, ...] in `layout`."""
+def gather_full(local: torch.Tensor, world: int, layout) -> torch.Tensor:
+    """The full-length tensor from every rank's shard `local` [B, S/cp, ...] in `layout` (a
+    sharding.py layout name, or a function that unshards the list of every rank's shard)."""
     if world == 1:
         return local
     shards = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(shards, local.contiguous())
-    return unshard(shards, layout)
+    return layout(shards) if callable(layout) else unshard(shards, layout)
 
 
 def compare(results: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...], dtype: torch.dtype) -> str:
@@ -288,7 +316,7 @@ class Method:
     """A fwd+bwd `step` returning local (out, dq, dk, dv), the layout of those shards, and notes."""
 
     step: Callable[[], tuple[torch.Tensor, ...]]
-    layout: str
+    layout: object  # a sharding.py layout name, or a function of every rank's shards (gather_full)
     notes: list[str] = field(default_factory=list)
     context: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
 
@@ -327,16 +355,43 @@ def ring_method(inputs: Inputs, kernel_name: str, rank: int, world: int, device:
 
 def varlen_method(inputs: Inputs, kernel_name: str, rank: int, world: int, device: torch.device, stride: int) -> Method:
     resolve_attn_implementation(kernel_name, device)
-    cu_seqlens = document_cu_seqlens(inputs.positions)
-    q, k, v, dout = (shard(t, rank, world, "contiguous") for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    kernel = get_kernel(kernel_name)
+    batch, seq_len = inputs.positions.shape
+    # As ContextParallel shards a packed batch: zigzag within documents (contiguous for flash_attn).
+    layout = "contiguous" if kernel_name == "flash_attn" else "zigzag"
+    shards = packed_shards(document_cu_seqlens(inputs.positions).tolist(), batch, seq_len, world, layout)
+    q, k, v, dout = (shards.shard(t, rank) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
     q, k, v = _leaves(q, k, v)
     group = dist.group.WORLD if world > 1 else None
 
     def attend(q, k, v):
-        return varlen_llama3_attention(q, k, v, cu_seqlens, group, stride, kernel_name)
+        return varlen_llama3_attention(q, k, v, shards, group, stride, kernel)
 
-    notes = ["'cudnn' runs FA2 varlen (varlen_kernels.py)"] if kernel_name == "cudnn" else []
-    return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous", notes)
+    return Method(_fwd_bwd(attend, q, k, v, dout), shards.unshard, [kernel.varlen_name])
+
+
+def cudnn_thd_method(inputs: Inputs, device: torch.device) -> Method:
+    """nvidia-cudnn-frontend's own autograd op on the packed documents: the raw kernel rate."""
+    import cudnn  # the [cudnn] extra; an ImportError makes this an n/a row
+
+    sdpa = cudnn.sdpa_torch
+    cu_seqlens = document_cu_seqlens(inputs.positions).to(device)
+    longest = max(n for lengths in inputs.doc_lengths for n in lengths)
+    q, k, v = _leaves(*(t.flatten(0, 1) for t in (inputs.q, inputs.k, inputs.v)))
+    shape = inputs.q.shape
+
+    def attend(q, k, v):
+        out, _ = sdpa(q, k, v, is_causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                      max_seqlen_q=longest, max_seqlen_kv=longest, return_lse=True)  # fmt: skip
+        return out
+
+    step = _fwd_bwd(attend, q, k, v, inputs.dout.flatten(0, 1))
+
+    def unflattened():
+        out, dq, dk, dv = step()
+        return out.view(shape), dq.view(shape), dk.view(inputs.k.shape), dv.view(inputs.k.shape)
+
+    return Method(unflattened, "contiguous", ["cudnn.sdpa_torch, causal top-left"])
 
 
 def ulysses_method(inputs: Inputs, kernel_name: str, rank: int, world: int, device: torch.device, packed: bool, stride: int) -> Method:
@@ -344,13 +399,14 @@ def ulysses_method(inputs: Inputs, kernel_name: str, rank: int, world: int, devi
     local varlen kernel on whole documents, for 1/world of the heads."""
     resolve_attn_implementation(kernel_name, device)
     kernel = get_kernel(kernel_name)
-    cu_seqlens = document_cu_seqlens(inputs.positions)
+    batch, seq_len = inputs.positions.shape
+    whole = packed_shards(document_cu_seqlens(inputs.positions).tolist(), batch, seq_len, 1, "contiguous")
     q, k, v, dout = (shard(t, rank, world, "contiguous") for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
     q, k, v = _leaves(q, k, v)
 
     def inner(q, k, v):
         if packed:
-            return varlen_llama3_attention(q, k, v, cu_seqlens, None, stride, kernel_name)
+            return varlen_llama3_attention(q, k, v, whole, None, stride, kernel)
         return local_attention(q, k, v, kernel)
 
     def attend(q, k, v):
@@ -359,21 +415,23 @@ def ulysses_method(inputs: Inputs, kernel_name: str, rank: int, world: int, devi
     return Method(_fwd_bwd(attend, q, k, v, dout), "contiguous")
 
 
-def ulysses_plan(inputs: Inputs, dense: Inputs, kernels: list[str], rank: int, world: int, device: torch.device,
-                 args: argparse.Namespace, reference: Callable, flops: dict) -> list:
-    """The Ulysses rows of one sequence length: dense and packed, with each kernel."""
+def ulysses_plan(dense: Inputs, packed: dict[str, Inputs], kernels: list[str], rank: int, world: int,
+                 device: torch.device, args: argparse.Namespace, reference: Callable, flops: dict) -> list:
+    """The Ulysses rows of one sequence length: dense and each packed mix, with each kernel."""
     if world == 1 or args.heads % world:
         return []
-    seq_len = inputs.q.shape[1]
-    flops[("ulysses", seq_len)] = flops[("single", seq_len)]
-    flops[("ulysses_varlen", seq_len)] = flops[("varlen_llama3", seq_len)]
+    seq_len = dense.q.shape[1]
+    flops[("ulysses", seq_len, "")] = flops[("single", seq_len, "")]
+    sources = [("ulysses", "", dense)] + [("ulysses_varlen", mix, source) for mix, source in packed.items()]
     plan = []
-    for kernel in kernels:
-        for method, packed, source in (("ulysses", False, dense), ("ulysses_varlen", True, inputs)):
+    for method, mix, source in sources:
+        if mix:
+            flops[(method, seq_len, mix)] = flops[("varlen_llama3", seq_len, mix)]
+        for kernel in kernels:
             plan.append((
-                Row(method, kernel, seq_len, world),
-                lambda k=kernel, p=packed, i=source: ulysses_method(i, k, rank, world, device, p, args.heads_k_stride),
-                reference("packed" if packed else "dense", source),
+                Row(method, kernel, seq_len, world, mix),
+                lambda k=kernel, p=bool(mix), i=source: ulysses_method(i, k, rank, world, device, p, args.heads_k_stride),
+                reference(mix or "dense", source),
             ))  # fmt: skip
     return plan
 
@@ -506,17 +564,28 @@ def _agree(row: Row, ms: float, world: int) -> Row:
     return row
 
 
-def add_rates(rows: list[Row], flops: dict[tuple[str, int], float]) -> None:
+def add_rates(rows: list[Row], flops: dict[tuple[str, int, str], float]) -> None:
     """TFLOP/s per GPU, and each cp row's efficiency against its kernel's single row at S/cp."""
     single = {}
     for row in rows:
         if row.ms is None:
             continue
-        row.tflops_per_gpu = flops[(row.method, row.seq_len)] / row.cp / (row.ms * 1e-3) / 1e12
+        row.tflops_per_gpu = flops[(row.method, row.seq_len, row.docs)] / row.cp / (row.ms * 1e-3) / 1e12
         if row.method == "single":
             single[(row.kernel, row.seq_len)] = row.tflops_per_gpu
+    packed = {(r.method, r.kernel, r.seq_len, r.docs): r.tflops_per_gpu for r in rows if r.cp == 1 and r.docs}
     for row in rows:
-        base = single.get((row.kernel, row.seq_len // row.cp))
+        if row.docs:
+            # Packed rows: cp > 1 against the same kernel at cp = 1 on the whole batch; cudnn at
+            # cp = 1 against the raw cuDNN THD op on the same documents.
+            if row.cp > 1:
+                base = packed.get(("varlen_llama3", row.kernel, row.seq_len, row.docs))
+            elif row.method == "varlen_llama3" and row.kernel == "cudnn":
+                base = packed.get(("cudnn_thd", "cudnn", row.seq_len, row.docs))
+            else:
+                base = None
+        else:
+            base = single.get((row.kernel, row.seq_len // row.cp))
         if row.method != "single" and row.tflops_per_gpu is not None and base:
             row.efficiency = row.tflops_per_gpu / base
 
@@ -524,12 +593,16 @@ def add_rates(rows: list[Row], flops: dict[tuple[str, int], float]) -> None:
 def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> list[Row]:
     kernels = args.kernels or default_kernels(device)
     rows: list[Row] = []
-    flops: dict[tuple[str, int], float] = {}
+    flops: dict[tuple[str, int, str], float] = {}
     for seq_len in args.seqlens:
         if seq_len % (2 * world):
             raise SystemExit(f"--seqlens {seq_len} must be divisible by 2 * ranks = {2 * world} (zigzag layout)")
         inputs = make_inputs(args, seq_len, device)
         dense = dense_inputs(inputs)
+        packed = {}
+        for mix in args.packed_mixes:
+            gen = torch.Generator().manual_seed(args.seed + seq_len + len(mix))
+            packed[mix] = with_documents(inputs, [PACKED_MIXES[mix](seq_len, args.doc_len, gen) for _ in range(args.batch)])
         cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
         def reference(which: str, source: Inputs) -> Optional[Callable[[], tuple[torch.Tensor, ...]]]:
@@ -538,6 +611,7 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
 
             def get():
                 if which not in cache:
+                    cache.clear()  # one reference at a time: they are full-size tensors
                     cache[which] = sdpa_reference(source)
                 return cache[which]
 
@@ -545,37 +619,48 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
 
         lengths = sorted({seq_len, seq_len // world}, reverse=True)
         for length in lengths:
-            flops[("single", length)] = causal_flops([[length]] * args.batch, args.heads, args.head_dim)
-        flops[("batch_ring", seq_len)] = flops[("native_cp", seq_len)] = flops[("single", seq_len)]
-        flops[("varlen_llama3", seq_len)] = causal_flops(inputs.doc_lengths, args.heads, args.head_dim)
+            flops[("single", length, "")] = causal_flops([[length]] * args.batch, args.heads, args.head_dim)
+        flops[("batch_ring", seq_len, "")] = flops[("single", seq_len, "")]
+        for mix, source in packed.items():
+            flops[("varlen_llama3", seq_len, mix)] = flops[("cudnn_thd", seq_len, mix)] = causal_flops(
+                source.doc_lengths, args.heads, args.head_dim
+            )
         for rotate in args.native_rotate:
-            flops[(f"native_cp/{rotate}", seq_len)] = flops[("single", seq_len)]
+            flops[(f"native_cp/{rotate}", seq_len, "")] = flops[("single", seq_len, "")]
 
         plan: list[tuple[Row, Callable[[], Method], Optional[Callable]]] = []
-        for kernel in kernels:
-            for length in lengths:
-                # Checked against the reference at full length only (the local one is a prefix).
-                check = reference("dense", dense) if length == seq_len else None
-                plan.append((Row("single", kernel, length, 1), lambda k=kernel, n=length: single_method(inputs, k, n, device), check))
-        for kernel in kernels:
-            plan.append((Row("batch_ring", kernel, seq_len, world), lambda k=kernel: ring_method(inputs, k, rank, world, device), reference("dense", dense)))
-        for kernel in kernels:
-            for cp in sorted({1, world}):
-                plan.append((
-                    Row("varlen_llama3", kernel, seq_len, cp),
-                    lambda k=kernel, c=cp: varlen_method(inputs, k, rank if c > 1 else 0, c, device, args.heads_k_stride),
-                    reference("packed", inputs),
-                ))  # fmt: skip
-        plan += ulysses_plan(inputs, dense, kernels, rank, world, device, args, reference, flops)
-        for rotate in args.native_rotate:
-            # Native CP runs SDPA's own backends only: flash_attn has no row there.
-            for kernel in (k for k in kernels if k in NATIVE_BACKENDS):
-                plan.append((
-                    Row(f"native_cp/{rotate}", kernel, seq_len, world),
-                    (lambda k=kernel, r=rotate: native_method(inputs, k, r, world, device))
-                    if device.type == "cuda" else native_needs_cuda,
-                    reference("dense", dense),
-                ))  # fmt: skip
+        if "single" in args.methods:
+            for kernel in kernels:
+                for length in lengths:
+                    # Checked against the reference at full length only (the local one is a prefix).
+                    check = reference("dense", dense) if length == seq_len else None
+                    plan.append((Row("single", kernel, length, 1), lambda k=kernel, n=length: single_method(inputs, k, n, device), check))
+        if "batch_ring" in args.methods:
+            for kernel in kernels:
+                plan.append((Row("batch_ring", kernel, seq_len, world), lambda k=kernel: ring_method(inputs, k, rank, world, device), reference("dense", dense)))
+        for mix, source in packed.items():
+            if "cudnn_thd" in args.methods and "cudnn" in kernels:
+                plan.append((Row("cudnn_thd", "cudnn", seq_len, 1, mix), lambda s=source: cudnn_thd_method(s, device), reference(mix, source)))
+            if "varlen_llama3" in args.methods:
+                for kernel in kernels:
+                    for cp in sorted({1, world}):
+                        plan.append((
+                            Row("varlen_llama3", kernel, seq_len, cp, mix),
+                            lambda k=kernel, c=cp, s=source: varlen_method(s, k, rank if c > 1 else 0, c, device, args.heads_k_stride),
+                            reference(mix, source),
+                        ))  # fmt: skip
+        if "ulysses" in args.methods:
+            plan += ulysses_plan(dense, packed, kernels, rank, world, device, args, reference, flops)
+        if "native_cp" in args.methods:
+            for rotate in args.native_rotate:
+                # Native CP runs SDPA's own backends only: flash_attn has no row there.
+                for kernel in (k for k in kernels if k in NATIVE_BACKENDS):
+                    plan.append((
+                        Row(f"native_cp/{rotate}", kernel, seq_len, world),
+                        (lambda k=kernel, r=rotate: native_method(inputs, k, r, world, device))
+                        if device.type == "cuda" else native_needs_cuda,
+                        reference("dense", dense),
+                    ))  # fmt: skip
 
         # Rounds interleave the rows, so a drift of the GPU clocks shows in every row alike
         # rather than in whichever row ran while it lasted; each row is checked in round 1 only.
@@ -584,17 +669,18 @@ def benchmark(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 run_row(row, build, args, world, device, check if round_index == 0 else None)
                 if rank == 0:
                     done = f"{row.times[-1]:.2f} ms" if row.status == "ok" else row.status
-                    where = f"{row.method} {row.kernel} S={row.seq_len} cp={row.cp} round {round_index + 1}"
+                    docs = f" docs={row.docs}" if row.docs else ""
+                    where = f"{row.method} {row.kernel} S={row.seq_len} cp={row.cp}{docs} round {round_index + 1}"
                     print(f"[bench] {where}: {done} {row.check if round_index == 0 else ''}", flush=True)
         rows += [row for row, _, _ in plan]
-        del inputs, dense, cache
+        del inputs, dense, packed, cache
     add_rates(rows, flops)
     return rows
 
 
 # --- output -----------------------------------------------------------------------------------
 
-HEADER = "| method | kernel | S | cp | ms | TFLOP/s per GPU | efficiency | check | notes |"
+HEADER = "| method | kernel | S | cp | docs | ms | TFLOP/s per GPU | efficiency | check | notes |"
 
 
 def format_row(row: Row) -> str:
@@ -605,7 +691,7 @@ def format_row(row: Row) -> str:
     ms = num(row.ms, ".2f") if row.status == "ok" else row.status.replace("|", "/")
     notes = "; ".join(row.notes)
     return (
-        f"| {row.method} | {row.kernel} | {row.seq_len} | {row.cp} | {ms} | {num(row.tflops_per_gpu, '.4g')} "
+        f"| {row.method} | {row.kernel} | {row.seq_len} | {row.cp} | {row.docs or '-'} | {ms} | {num(row.tflops_per_gpu, '.4g')} "
         f"| {num(row.efficiency, '.2f')} | {row.check or '-'} | {notes} |"
     )
 

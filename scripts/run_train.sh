@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Launch titan_cp training with torchrun.
 #   ./scripts/run_train.sh [CONFIG] [--section.key value ...]
+#   ./scripts/run_train.sh [CONFIG] [--section.key value ...] --help-memory [--device-memory-gib N]
+#     prints the longest training.seq_len that fits one GPU and the lever to turn next, without
+#     starting a run (no GPU needed; docs/memory.md)
 # CONFIG defaults to train_configs/debug_model.toml. Environment:
 #   NGPU      processes to start (default: the GPUs present, else 1)
 #   LOG_RANK  ranks whose output is shown (default 0; e.g. 0,1)
@@ -21,6 +24,9 @@ fi
 for arg in "$@"; do
   if [[ "$arg" == --help || "$arg" == -h ]]; then
     exec python3 -m titan_cp.train --help
+  fi
+  if [[ "$arg" == --help-memory ]]; then
+    exec python3 -m titan_cp.memory_report --job.config_file "$CONFIG" "$@"
   fi
 done
 

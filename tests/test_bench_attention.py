@@ -15,7 +15,9 @@ from tests.script_utils import load_script
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"
 TINY = ["--device", "cpu", "--dtype", "float32", "--seqlens", "64", "--heads", "4", "--kv-heads", "2",
-        "--head-dim", "16", "--iters", "2", "--warmup", "1", "--rounds", "2"]  # fmt: skip
+        "--head-dim", "16", "--iters", "2", "--warmup", "1", "--rounds", "2", "--doc-len", "24",
+        "--packed-mixes", "uniform", "mixed", "long"]  # fmt: skip
+MIXES = ("uniform", "mixed", "long")
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +34,18 @@ def two_rank_run(tmp_path_factory):
 
 def test_table_has_every_row(two_rank_run):
     stdout, result = two_rank_run
-    assert "| method | kernel | S | cp | ms | TFLOP/s per GPU | efficiency | check | notes |" in stdout
+    assert "| method | kernel | S | cp | docs | ms | TFLOP/s per GPU | efficiency | check | notes |" in stdout
     assert "7*B*H*D*S^2" in stdout and result["world_size"] == 2
-    keys = {(r["method"], r["kernel"], r["seq_len"], r["cp"]) for r in result["rows"]}
+    keys = {(r["method"], r["kernel"], r["seq_len"], r["cp"], r["docs"]) for r in result["rows"]}
     assert keys == {
-        ("single", "sdpa_cpu", 64, 1),
-        ("single", "sdpa_cpu", 32, 1),
-        ("batch_ring", "sdpa_cpu", 64, 2),
-        ("varlen_llama3", "sdpa_cpu", 64, 1),
-        ("varlen_llama3", "sdpa_cpu", 64, 2),
-        ("ulysses", "sdpa_cpu", 64, 2),
-        ("ulysses_varlen", "sdpa_cpu", 64, 2),
-        ("native_cp/allgather", "sdpa_cpu", 64, 2),
-        ("native_cp/alltoall", "sdpa_cpu", 64, 2),
+        ("single", "sdpa_cpu", 64, 1, ""),
+        ("single", "sdpa_cpu", 32, 1, ""),
+        ("batch_ring", "sdpa_cpu", 64, 2, ""),
+        ("ulysses", "sdpa_cpu", 64, 2, ""),
+        ("native_cp/allgather", "sdpa_cpu", 64, 2, ""),
+        ("native_cp/alltoall", "sdpa_cpu", 64, 2, ""),
+    } | {("varlen_llama3", "sdpa_cpu", 64, cp, mix) for cp in (1, 2) for mix in MIXES} | {
+        ("ulysses_varlen", "sdpa_cpu", 64, 2, mix) for mix in MIXES
     }
 
 
@@ -55,7 +56,9 @@ def test_titan_cp_rows_are_checked_and_timed(two_rank_run):
             assert row["status"] == "ok", row
             assert row["check"].startswith("ok "), row
             assert float(row["check"].split()[1]) < 1e-4
-            assert row["ms"] > 0 and row["tflops_per_gpu"] > 0 and row["efficiency"] > 0
+            assert row["ms"] > 0 and row["tflops_per_gpu"] > 0
+            # cp rows against one device (packed: the same kernel on the whole batch).
+            assert (row["efficiency"] > 0) if row["cp"] > 1 else row["efficiency"] is None, row
             # Two rounds, reported as their median.
             assert len(row["times"]) == 2 and row["ms"] == pytest.approx(sum(row["times"]) / 2), row
 
@@ -76,6 +79,11 @@ def test_flops_formula():
     assert bench.causal_flops([[40, 24]], h, d) == 7 * h * d * (40**2 + 24**2)
     lengths = bench.document_lengths(1000, 100, torch.Generator().manual_seed(0))
     assert sum(lengths) == 1000 and min(lengths) >= 1 and len(lengths) > 3
+    gen = torch.Generator().manual_seed(0)
+    assert bench.PACKED_MIXES["uniform"](32768, 8192, gen) == [8192] * 4
+    assert bench.PACKED_MIXES["long"](32768, 8192, gen) == [32768]
+    mixed = bench.PACKED_MIXES["mixed"](131072, 8192, gen)
+    assert sum(mixed) == 131072 and max(mixed) <= 16384 and min(mixed[:-1]) >= 256
 
 
 def _checked_ring_rows(rank: int, world: int) -> list[str]:

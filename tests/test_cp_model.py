@@ -4,7 +4,8 @@ A tiny Llama is built and stepped as `Trainer` does (tests/cp_model_utils.py) on
 gloo ranks (FSDP over the same ranks), and compared with one process without cp or FSDP:
 - plain causal windows, batch ring in the zigzag and contiguous layouts: same weights after
   init, same summed loss, same gradient for every parameter (1e-5 relative);
-- packed documents, all-gather K/V varlen attention: the same against cp = 1 with packing, and
+- packed documents, all-gather K/V varlen attention (zigzag within documents, and contiguous):
+  the same against cp = 1 with packing, and
   cp = 1 with packing differs from causal attention over the whole window (masks are active);
 - Hugging Face weights loaded into a cp = 2 model give transformers' logits after unsharding.
 Negative controls (positions sharded in the wrong layout, logits unsharded in the wrong layout)
@@ -33,19 +34,21 @@ RTOL = 1e-5
 ZIGZAG = cpm.Case("zigzag")
 CONTIGUOUS = cpm.Case("contiguous", load_balancer="none")
 PACKED = cpm.Case("packed", sample_packing=True)
+PACKED_CONTIGUOUS = cpm.Case("packed_contiguous", load_balancer="none", sample_packing=True)
 WRONG_POSITIONS = cpm.Case("zigzag_positions_sharded_contiguous", wrong_position_layout=True)
 PLAIN_ON_PACKED = cpm.Case("causal_over_packed_window")  # cp = 1 only: packed data, no document mask
 
 # Cases per world size (= cp degree, FSDP over the same ranks).
 WORLD_CASES = {
-    2: [ZIGZAG, CONTIGUOUS, PACKED, WRONG_POSITIONS],
+    2: [ZIGZAG, CONTIGUOUS, PACKED, PACKED_CONTIGUOUS, WRONG_POSITIONS],
     3: [PACKED],
     4: [ZIGZAG, PACKED],
 }
 EXPECTED_ATTENTION = {  # (ContextParallel.algorithm, layout) each case must select
     "zigzag": ("batch_ring", "zigzag"),
     "contiguous": ("batch_ring", "contiguous"),
-    "packed": ("varlen_llama3", "contiguous"),
+    "packed": ("varlen_llama3", "zigzag"),
+    "packed_contiguous": ("varlen_llama3", "contiguous"),
     "zigzag_positions_sharded_contiguous": ("batch_ring", "zigzag"),
 }
 HF_LAYOUTS = ("zigzag", "none")  # parallelism.context_parallel_load_balancer values
@@ -224,9 +227,13 @@ def test_positions_in_the_wrong_layout_change_the_gradients(cp_runs, references)
     _assert_clearly_different(wrong, references["zigzag"], "positions sharded in the wrong layout")
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4], ids=["cp2", "cp3", "cp4"])
-def test_packed_documents_gradients_equal_cp1(cp_runs, references, world_size):
-    _assert_same_math(cp_runs[world_size]["steps"]["packed"], references["packed"], f"cp={world_size} packed")
+@pytest.mark.parametrize(
+    "world_size, name",
+    [(2, "packed"), (3, "packed"), (4, "packed"), (2, "packed_contiguous")],
+    ids=["cp2-zigzag", "cp3-zigzag", "cp4-zigzag", "cp2-contiguous"],
+)
+def test_packed_documents_gradients_equal_cp1(cp_runs, references, world_size, name):
+    _assert_same_math(cp_runs[world_size]["steps"][name], references["packed"], f"cp={world_size} {name}")
 
 
 def test_packed_reference_masks_documents(references):

@@ -1,6 +1,7 @@
 """The memory estimate against real tensors: parameter counts, optimizer state, saved activations."""
 
 import dataclasses
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -8,10 +9,13 @@ import torch
 
 from titan_cp import memory
 from titan_cp.errors import UserError
-from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_memory
+from titan_cp.config import load_config
+from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_for_config, estimate_memory
+from titan_cp.memory_report import longest_seq_len
 from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import RotaryEmbedding, Transformer, TransformerBlock, sdpa_causal_attention
 from titan_cp.parallel.parallelize import checkpoint_block
+from tests.train_utils import REPO
 
 DEBUG = llama3_flavors["debugmodel"]
 
@@ -91,7 +95,7 @@ def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_activations_match_autograd(mode, dtype):
-    kept, _ = memory._kept_and_recomputed(DEBUG, dtype.itemsize, mode)
+    kept = memory._kept_bytes_per_token(DEBUG, dtype.itemsize, mode)
     assert kept == pytest.approx(_saved_bytes_per_token(mode, dtype), rel=0.05)
 
 
@@ -106,14 +110,18 @@ def test_activations_scale_with_local_length_and_checkpointing():
 
 
 def test_loss_chunk_bounds_logit_memory():
-    def loss(seq_len: int, chunk: int) -> int:
-        return estimate_memory(llama3_flavors["8B"], seq_len, 1, 8, 2, "full", 2, chunk).loss
+    args = llama3_flavors["8B"]
+
+    def loss(local_tokens: int, chunk: int) -> int:
+        return memory.loss_chunk_bytes(args, local_tokens, chunk, 2)
 
     # Chunked: bounded by the chunk, whatever the sequence; unchunked: grows with the local tokens
-    # (seq_len / cp = 65536 here, 16 chunks of 4096).
-    assert loss(131072, 4096) == loss(262144, 4096) == 2 * loss(131072, 2048)
-    assert loss(262144, 0) == 2 * loss(131072, 0)
-    assert loss(131072, 0) == 16 * loss(131072, 4096)
+    # (65536 here, 16 chunks of 4096).
+    assert loss(65536, 4096) == loss(131072, 4096) == 2 * loss(65536, 2048)
+    assert loss(131072, 0) == 2 * loss(65536, 0)
+    assert loss(65536, 0) == 16 * loss(65536, 4096)
+    # Without chunks the logits are the largest transient of the step.
+    assert estimate_memory(args, 131072, 1, 8, 2, "full", 2, 0).backward_peak > loss(65536, 0)
 
 
 def test_unknown_ac_mode_is_a_user_error():
@@ -133,7 +141,7 @@ def test_8b_refused_on_this_cpu_debug_fits():
 
 def test_cpu_ranks_share_the_ram(monkeypatch):
     monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 10 * memory.GIB)
-    estimate = MemoryEstimate(params=4 * memory.GIB, grads=0, optimizer=0, gathered_params_peak=0, activations=0, loss=0)
+    estimate = MemoryEstimate(params=4 * memory.GIB, grads=0, optimizer=0, gathered_params_peak=0, activations=0, backward_peak=0)
     check_fits(estimate, torch.device("cpu"))
     with pytest.raises(UserError, match="for each of 2 local ranks"):
         check_fits(estimate, torch.device("cpu"), ranks_sharing_device=2)
@@ -147,3 +155,115 @@ def test_h200_verdicts_for_8b_at_128k(monkeypatch):
     check_fits(estimate_memory(args, 131072, 1, 2, 2, "full", 2, 4096), cuda)
     with pytest.raises(UserError, match="NVIDIA H200 has 139.8 GiB"):
         check_fits(estimate_memory(args, 131072, 1, 2, 2, "selective", 2, 4096), cuda)
+
+
+# Peaks measured on H200s (torch.cuda.max_memory_allocated over 2-3 steps, docs/memory.md):
+# (flavor, layers, seq_len, FSDP ranks, cp, AC mode, loss chunk, mlp chunk, offload, compiled, GiB).
+# The 512K compiled row is step 1's peak plus the optimizer state step 2 adds (that run died in step 2).
+MEASURED = [
+    ("8B", 32, 65536, 2, 2, "selective", 2048, 0, False, False, 106.9),
+    ("8B", 32, 65536, 2, 2, "full", 2048, 0, False, False, 70.5),
+    ("8B", 32, 131072, 2, 2, "full", 2048, 0, False, False, 82.7),
+    ("8B", 32, 262144, 2, 2, "full", 2048, 0, False, False, 115.5),
+    ("1B", 16, 16384, 1, 1, "none", 4096, 0, False, False, 47.7),
+    ("1B", 16, 16384, 2, 2, "none", 4096, 0, False, False, 27.4),
+    ("1B", 16, 262144, 1, 1, "full", 4096, 0, False, True, 75.5),
+    ("1B", 16, 524288, 1, 1, "full", 4096, 0, False, True, 126.8 + 9.21),
+    ("1B", 8, 131072, 1, 1, "full", 4096, 0, False, False, 31.58),
+    ("1B", 8, 131072, 1, 1, "full", 4096, 8192, True, False, 21.54),
+    ("1B", 1, 1048576, 1, 1, "full", 4096, 8192, True, False, 83.27),
+    ("8B", 1, 524288, 1, 1, "full", 4096, 8192, True, False, 96.24),
+]
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda row: f"{row[0]}-{row[1]}L-{row[2] // 1024}K-{row[5]}-mlp{row[7]}-off{int(row[8])}")
+def test_estimate_within_10_percent_of_measured_peaks(row):
+    """Every measured peak is within 10% of its estimate, and the estimate with its margin is
+    above the measured peak, so a run the check admits did fit."""
+    flavor, layers, seq_len, ranks, cp, mode, loss_chunk, mlp_chunk, offload, compiled, measured = row
+    args = dataclasses.replace(llama3_flavors[flavor], n_layers=layers)
+    estimate = estimate_memory(
+        args, seq_len, 1, ranks, cp, mode, 2, loss_chunk,
+        mlp_chunk_size=mlp_chunk, activation_offload=offload, compiled=compiled,
+    )  # fmt: skip
+    assert estimate.total / memory.GIB == pytest.approx(measured, rel=0.10)
+    assert memory.needed_bytes(estimate, memory.FIXED_OVERHEAD_CUDA) / memory.GIB > measured
+
+
+def test_offload_keeps_two_blocks_on_the_device():
+    args = llama3_flavors["1B"]
+    plain = estimate_memory(args, 131072, 1, 1, 1, "full", 2, 4096)
+    offloaded = estimate_memory(args, 131072, 1, 1, 1, "full", 2, 4096, activation_offload=True)
+    per_block = 131072 * args.dim * 2
+    rope = 131072 * 2 * args.head_dim * 4
+    assert plain.activations == args.n_layers * per_block + rope
+    assert offloaded.activations == 2 * per_block + rope
+    assert offloaded.host == args.n_layers * per_block
+    assert offloaded.backward_peak == plain.backward_peak
+
+
+def test_tiled_mlp_removes_the_ffn_width_from_the_backward():
+    args, tokens = llama3_flavors["1B"], 1 << 20
+    untiled = memory._block_backward_bytes(args, 2, "full", 1, tokens, 0)
+    tiled = memory._block_backward_bytes(args, 2, "full", 1, tokens, 8192)
+    assert untiled - tiled > tokens * 5 * args.ffn_hidden_dim * 2
+    # A chunk as long as the local sequence is no tiling at all.
+    assert memory._block_backward_bytes(args, 2, "full", 1, tokens, tokens) == untiled
+
+
+def test_cpu_offload_moves_the_model_state_to_the_host():
+    args = llama3_flavors["8B"]
+    on_device = estimate_memory(args, 65536, 1, 2, 2, "full", 2, 2048)
+    offloaded = estimate_memory(args, 65536, 1, 2, 2, "full", 2, 2048, cpu_offload=True)
+    assert offloaded.params == offloaded.grads == offloaded.optimizer == 0
+    assert offloaded.host == on_device.params + on_device.grads + on_device.optimizer
+    assert offloaded.gathered_params_peak > on_device.gathered_params_peak  # fp32 shards staged on the device
+
+
+def test_the_run_that_died_in_step_2_is_refused_and_fits_with_the_levers(monkeypatch):
+    """1B at 512K, full checkpointing, compiled, one H200: it passed the old estimate, peaked at
+    126.8 GiB in step 1 and ran out of memory in step 2. Now refused; tiling and offload admit it."""
+    h200 = SimpleNamespace(name="NVIDIA H200", total_memory=int(139.8 * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 120 * memory.GIB)
+    args, cuda = llama3_flavors["1B"], torch.device("cuda", 0)
+    with pytest.raises(UserError, match="mlp_chunk_size"):
+        check_fits(estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, compiled=True), cuda)
+    check_fits(
+        estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, compiled=True, mlp_chunk_size=8192, activation_offload=True),
+        cuda,
+    )
+    # Offloaded activations that do not fit the host's RAM are refused too.
+    monkeypatch.setattr(memory, "_cpu_available_bytes", lambda: 10 * memory.GIB)
+    with pytest.raises(UserError, match="host memory"):
+        check_fits(estimate_memory(args, 524288, 1, 1, 1, "full", 2, 4096, activation_offload=True), cuda)
+
+
+def _help_memory(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/run_train.sh", "train_configs/debug_model.toml", "--model.flavor", "1B",
+         "--training.local_batch_size", "1", "--activation_checkpoint.mode", "full", *overrides, "--help-memory"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_help_memory_prints_the_longest_fit_and_the_next_lever():
+    """No GPU here: an H200's memory is assumed; the longest length is the fit boundary."""
+    result = _help_memory("--training.seq_len", "524288", "--compile.enable", "true")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "139.8 GiB (an H200" in lines[0]
+    assert "524,288 does NOT fit" in lines[1]
+    longest = int(next(l for l in lines if l.startswith("longest")).split(": ")[1].replace(",", ""))
+    cfg = load_config(["--job.config_file", "train_configs/debug_model.toml", "--model.flavor", "1B",
+                       "--training.local_batch_size", "1", "--activation_checkpoint.mode", "full", "--compile.enable", "true"])  # fmt: skip
+    capacity = int(139.8 * memory.GIB)
+    assert longest == longest_seq_len(llama3_flavors["1B"], cfg, capacity)
+    fits = lambda s: memory.needed_bytes(estimate_for_config(llama3_flavors["1B"], cfg, 1, 1, True, s), memory.FIXED_OVERHEAD_CUDA) <= capacity  # noqa: E731
+    assert fits(longest) and not fits(longest + 2048)
+    assert any(l.startswith("next lever: --training.mlp_chunk_size 8192") for l in lines), result.stdout
+    smaller = _help_memory("--device-memory-gib", "80")
+    assert "80 GiB (--device-memory-gib)" in smaller.stdout
+    bad = _help_memory("--device-memory-gib", "lots")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--device-memory-gib" in bad.stderr

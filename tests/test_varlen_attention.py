@@ -1,5 +1,6 @@
-"""All-gather K/V varlen attention against an independent reference: causal SDPA run one document
-at a time on the full, unsharded batch (invariants 1 and 5 in docs/architecture.md)."""
+"""Document-masked varlen attention (cp = 1 and all-gather K/V, both packed layouts, every kernel
+of the registry) against an independent reference: causal SDPA run one document at a time on
+the full, unsharded batch (invariants 1 and 5 in docs/architecture.md)."""
 
 import os
 import sys
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
 from titan_cp.context_parallel import varlen_kernels
+from titan_cp.context_parallel.document_sharding import packed_shards
+from titan_cp.context_parallel.kernels import get_kernel
 from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
 
 FAKE_FLASH_ATTN = os.path.join(os.path.dirname(__file__), "fake_flash_attn")
@@ -65,36 +68,47 @@ def per_document_reference(inputs: dict[str, torch.Tensor], doc_lengths=DOC_LENG
 
 
 def run_shard(
-    inputs: dict, positions: torch.Tensor, group, rank: int, cp: int, stride: int, kernel: str
+    inputs: dict, positions: torch.Tensor, group, rank: int, cp: int, stride: int, kernel: str,
+    layout: str = "zigzag",
 ) -> dict:
-    """This rank's out/dq/dk/dv from varlen_llama3_attention on its contiguous shard."""
-    local = slice(rank * SEQ // cp, (rank + 1) * SEQ // cp)
-    q, k, v = (inputs[n][:, local].clone().requires_grad_() for n in ("q", "k", "v"))
-    out = varlen_llama3_attention(q, k, v, document_cu_seqlens(positions), group, stride, kernel)
-    out.backward(inputs["dout"][:, local])
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    """This rank's out/dq/dk/dv from varlen_llama3_attention, scattered back into full-size
+    tensors (zero where other ranks' tokens are), so that the ranks' results add up to the whole."""
+    shards = packed_shards(document_cu_seqlens(positions).tolist(), *positions.shape, cp, layout)
+    q, k, v = (shards.shard(inputs[n], rank).clone().requires_grad_() for n in ("q", "k", "v"))
+    out = varlen_llama3_attention(q, k, v, shards, group, stride, get_kernel(kernel))
+    out.backward(shards.shard(inputs["dout"], rank))
+    local = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {name: _placed(shards, rank, x) for name, x in local.items()}
+
+
+def _placed(shards, rank: int, x: torch.Tensor) -> torch.Tensor:
+    parts = [x if r == rank else torch.zeros_like(x) for r in range(shards.cp)]
+    return shards.unshard(parts)
 
 
 CP_DEGREES = (2, 3, 4)
 STRIDES = (1, N_KV_HEADS)  # heads_k_stride: one KV head at a time, and all at once
+LAYOUTS = ("zigzag", "contiguous")
 FLASH_ATTN_CP = 3
 
 
 def _all_cases_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
     """Every distributed case in one spawn (spawning dominates the cost): cp = 2, 3, 4 as
-    subgroups of one 4-process world, each with both strides; ring-flash-attn (a test extra) on
-    the repo's CPU stand-in for the flash-attn package at cp = 3."""
+    subgroups of one 4-process world, each with both strides and both packed layouts;
+    ring-flash-attn (a test extra) on the repo's CPU stand-in for the flash-attn package at
+    cp = 3 (contiguous layout, which it needs)."""
     sys.path.insert(0, FAKE_FLASH_ATTN)
     results = {}
     for cp in CP_DEGREES:
         group = dist.new_group(list(range(cp)))  # every rank must take part in creating it
         if rank >= cp:
             continue
-        kernels = ["sdpa_cpu"] + (["flash_attn"] if cp == FLASH_ATTN_CP else [])
-        for kernel in kernels:
+        cases = [("sdpa_cpu", layout) for layout in LAYOUTS]
+        cases += [("flash_attn", "contiguous")] if cp == FLASH_ATTN_CP else []
+        for kernel, layout in cases:
             for stride in STRIDES:
-                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel)
-                results[cp, kernel, stride] = shard
+                shard = run_shard(inputs, positions, group, rank, cp, stride, kernel, layout)
+                results[cp, kernel, layout, stride] = shard
     return results
 
 
@@ -107,15 +121,16 @@ def distributed_results() -> tuple[dict, list[dict]]:
 
 def assert_matches(shards: list[dict], expected: dict) -> None:
     for name, want in expected.items():
-        got = torch.cat([shard[name] for shard in shards], dim=1)
+        got = sum(shard[name] for shard in shards)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stride", STRIDES)
 @pytest.mark.parametrize("cp", CP_DEGREES)
-def test_cp_matches_per_document_attention(distributed_results, cp: int, stride: int) -> None:
+def test_cp_matches_per_document_attention(distributed_results, cp: int, stride: int, layout: str) -> None:
     expected, per_rank = distributed_results
-    assert_matches([per_rank[r][cp, "sdpa_cpu", stride] for r in range(cp)], expected)
+    assert_matches([per_rank[r][cp, "sdpa_cpu", layout, stride] for r in range(cp)], expected)
 
 
 @pytest.mark.parametrize("stride", STRIDES)
@@ -124,7 +139,7 @@ def test_ring_flash_attn_llama3_matches_per_document_attention(
 ) -> None:
     """kernel flash_attn runs ring-flash-attn's llama3 functions (here on the CPU double)."""
     expected, per_rank = distributed_results
-    shards = [per_rank[r][FLASH_ATTN_CP, "flash_attn", stride] for r in range(FLASH_ATTN_CP)]
+    shards = [per_rank[r][FLASH_ATTN_CP, "flash_attn", "contiguous", stride] for r in range(FLASH_ATTN_CP)]
     assert_matches(shards, expected)
 
 
@@ -170,8 +185,8 @@ def test_offset_causal_kernel_matches_suffix_of_full_attention(kernel: str) -> N
         torch.tensor(cu_k, dtype=torch.int32, device=device),
         max(query_lens), max(key_lens), tuple(cu_q), tuple(cu_k),
     )  # fmt: skip
-    out, lse = varlen_kernels.varlen_forward(
-        q_full[suffix].to(device), k.to(device), v.to(device), seg, HEAD_DIM**-0.5, kernel
+    out, lse = get_kernel(kernel).varlen_forward(
+        q_full[suffix].to(device), k.to(device), v.to(device), seg, HEAD_DIM**-0.5
     )
     expected, expected_lse = [], []
     for s, n in zip(starts, key_lens):
@@ -206,10 +221,11 @@ def test_flash_varlen_op_schemas_unchanged() -> None:
 
 def assert_close_bf16(shards: list[dict], expected: dict) -> None:
     """bf16 kernels against the fp32 reference on the same (bf16-rounded) inputs."""
+    errors = {}
     for name, want in expected.items():
-        got = torch.cat([shard[name].float().cpu() for shard in shards], dim=1)
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < 2e-2, f"{name}: max error {err:.3g} of the largest value"
+        got = sum(shard[name].float().cpu() for shard in shards)
+        errors[name] = ((got - want).abs().max() / want.abs().max()).item()
+    assert max(errors.values()) < 2e-2, f"max errors relative to the largest value: {errors}"
 
 
 def bf16_inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -219,7 +235,8 @@ def bf16_inputs(seed: int) -> dict[str, torch.Tensor]:
 @requires_cuda
 @pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 def test_cuda_cp1_matches_per_document_attention(kernel: str) -> None:
-    inputs = bf16_inputs(seed=4)
+    # Head dim 128 (the Llama one; cuDNN's THD kernels want a multiple of 64 or so, not 8).
+    inputs = {name: x.repeat(1, 1, 1, 16) for name, x in bf16_inputs(seed=4).items()}
     expected = per_document_reference({name: x.float() for name, x in inputs.items()})
     cuda_inputs = {name: x.cuda() for name, x in inputs.items()}
     for stride in STRIDES:
@@ -249,3 +266,86 @@ def test_nccl_cp2_matches_per_document_attention(kernel: str) -> None:
     per_rank = run_distributed(_nccl_worker, 2, inputs, packed_positions(), kernel)
     for stride_index in range(len(STRIDES)):
         assert_close_bf16([results[stride_index] for results in per_rank], expected)
+
+
+# --- the cuDNN THD kernel (nvidia-cudnn-frontend, the [cudnn] extra), on a GPU where it is installed
+
+
+@requires_cuda
+def test_cudnn_kernel_runs_cudnn_thd_where_the_package_is_installed() -> None:
+    """On the GPU machine the [cudnn] extra is installed: packed attention must not fall back."""
+    from titan_cp.context_parallel.cudnn_varlen import cudnn_varlen_available
+
+    assert cudnn_varlen_available()
+    assert get_kernel("cudnn").varlen_name.startswith("cuDNN THD")
+
+
+def _segments(q_lens: list[int], k_lens: list[int], device: str) -> varlen_kernels.VarlenSegments:
+    def cumulative(lengths: list[int]) -> list[int]:
+        return [0] + torch.tensor(lengths).cumsum(0).tolist()
+
+    return varlen_kernels.VarlenSegments.from_bounds(cumulative(q_lens), cumulative(k_lens), device)
+
+
+def _head_slice(x: torch.Tensor) -> torch.Tensor:
+    """x's values as the first heads of a tensor with twice the heads (not contiguous)."""
+    sliced = torch.cat([x, torch.zeros_like(x)], dim=1)[:, : x.shape[1]]
+    assert not sliced.is_contiguous() and torch.equal(sliced, x)
+    return sliced
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@requires_cuda
+@pytest.mark.parametrize("sliced", [False, True], ids=["dense", "head-slice"])
+@pytest.mark.parametrize("suffix", [False, True], ids=["square", "bottom-right"])
+def test_cudnn_varlen_matches_fa2_varlen(suffix: bool, sliced: bool) -> None:
+    """cuDNN THD and FA2 varlen on the same bf16 segments (Llama-like heads of 128): out, lse and
+    gradients agree to bf16 rounding, for whole documents and for query suffixes (cp ranks), and
+    for queries that are one head group's slice of a wider tensor (heads_k_stride groups)."""
+    g = torch.Generator().manual_seed(7)
+    k_lens = [1000, 37, 2048, 513]
+    q_lens = [300, 37, 700, 1] if suffix else k_lens
+    seg = _segments(q_lens, k_lens, "cuda")
+    hq, hkv, d = 8, 2, 128
+
+    def randn(n: int, h: int) -> torch.Tensor:
+        return torch.randn(n, h, d, generator=g).to("cuda", torch.bfloat16)
+
+    q, dout = randn(sum(q_lens), hq), randn(sum(q_lens), hq)
+    if sliced:  # the first hq heads of tensors twice as wide: token stride 2*hq*d
+        q, dout = (_head_slice(x) for x in (q, dout))
+    k, v = randn(sum(k_lens), hkv), randn(sum(k_lens), hkv)
+    scale = d**-0.5
+    results = {}
+    for name in ("cudnn", "flash"):
+        kernel = get_kernel(name)
+        out, lse = kernel.varlen_forward(q, k, v, seg, scale)
+        out = _head_slice(out) if sliced else out
+        grads = kernel.varlen_backward(dout, q, k, v, out, lse, seg, scale)
+        results[name] = (out, lse, *grads)
+    for label, got, want, tol in zip(("out", "lse", "dq", "dk", "dv"), results["cudnn"], results["flash"], (1e-2, 1e-3, 3e-2, 3e-2, 3e-2)):
+        assert got.shape == want.shape, label
+        assert _relative(got, want) < tol, f"{label}: {_relative(got, want):.2e}"
+
+
+def _gloo_on_one_gpu_worker(rank: int, world_size: int, inputs: dict, positions: torch.Tensor) -> dict:
+    """cp = 2 all-gather attention with the cuDNN kernel, both ranks on the one GPU (gloo moves
+    the CUDA tensors): the bottom-right segments, the gather plan and the key-gradient return."""
+    device_inputs = {name: x.cuda() for name, x in inputs.items()}
+    results = {}
+    for stride in STRIDES:
+        shard = run_shard(device_inputs, positions.cuda(), dist.group.WORLD, rank, world_size, stride, "cudnn")
+        results[stride] = {name: x.cpu() for name, x in shard.items()}
+    return results
+
+
+@requires_cuda
+@pytest.mark.parametrize("stride", STRIDES)
+def test_cudnn_cp2_on_one_gpu_matches_per_document_attention(stride: int) -> None:
+    inputs = {name: x.repeat(1, 1, 1, 16) for name, x in bf16_inputs(seed=6).items()}  # head dim 128
+    expected = per_document_reference({name: x.float() for name, x in inputs.items()})
+    per_rank = run_distributed(_gloo_on_one_gpu_worker, 2, inputs, packed_positions())
+    assert_close_bf16([results[stride] for results in per_rank], expected)

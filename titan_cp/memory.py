@@ -22,6 +22,17 @@ SAFETY_FRACTION = 0.05
 FIXED_OVERHEAD_CUDA = 3 * GIB
 FIXED_OVERHEAD_CPU = 1 * GIB
 
+# A compiled block's backward graph holds more at once than eager autograd (its partitioner
+# decides what to save and when to recompute). Fitted to two compiled runs of the 1B model with
+# full checkpointing on one H200 (256K and 512K tokens), which it over-estimates by 3.5%.
+COMPILED_BACKWARD_FACTOR = 1.15
+
+# The attention kernel's backward holds fp32 buffers of this many query widths per token (a dQ
+# accumulator, and dK/dV at query-head width under GQA): fitted to the peaks of 1B at 1M and 8B
+# at 512K tokens with one layer on one H200 (cuDNN), where attention's backward is the largest
+# phase; 3 matched the 1B peak and over-estimated the 8B one by 7% (docs/memory.md).
+ATTENTION_BACKWARD_FP32_WIDTHS = 3
+
 # Master parameters, their gradients and AdamW's two moments stay fp32 whatever the compute dtype
 # (FSDP2 keeps the sharded parameters in fp32 and casts to bf16 only for the all-gather).
 FP32 = 4
@@ -59,30 +70,41 @@ def count_params(model_args) -> ParamCounts:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak bytes on one rank, by kind. `total` is their sum."""
+    """Peak bytes on one rank's device, by kind. `host` is what the run keeps in host memory
+    instead (offloaded activations and model state), not part of `total`.
+
+    The sharded gradients fill up while backward frees the blocks' activations, block by block,
+    so the peak holds the larger of all kept activations and all gradients plus one block's
+    (`activations_last_block`); everything else adds up.
+    """
 
     params: int
     grads: int
     optimizer: int
     gathered_params_peak: int
     activations: int
-    loss: int
+    backward_peak: int
+    activations_last_block: int = 0
+    host: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.params
-            + self.grads
             + self.optimizer
             + self.gathered_params_peak
-            + self.activations
-            + self.loss
+            + max(self.activations, self.grads + self.activations_last_block)
+            + self.backward_peak
         )
 
     def format(self) -> str:
         """One line in GiB, printed by the trainer before it allocates the model."""
-        parts = ", ".join(f"{f.name} {getattr(self, f.name) / GIB:.2f}" for f in fields(self))
-        return f"estimated peak memory per rank {self.total / GIB:.2f} GiB ({parts})"
+        shown = [f for f in fields(self) if f.name not in ("host", "activations_last_block")]
+        parts = ", ".join(f"{f.name} {getattr(self, f.name) / GIB:.2f}" for f in shown)
+        line = f"estimated peak memory per rank {self.total / GIB:.2f} GiB ({parts})"
+        if self.host:
+            line += f"; in host memory {self.host / GIB:.2f} GiB"
+        return line
 
 
 def _norm_bytes_per_token(dim: int, act_bytes: int) -> int:
@@ -94,50 +116,60 @@ def _norm_bytes_per_token(dim: int, act_bytes: int) -> int:
     return dim * FP32 + FP32 + 2 * dim * act_bytes
 
 
-def _block_bytes_per_token(model_args, act_bytes: int) -> dict[str, int]:
-    """Per local token, what a block keeps for backward: its attention half and its SwiGLU half.
-
-    Attention half: the attention norm, q, k and v and the output the flash-style kernel saves
-    with its fp32 LSE (never the S x S scores; the output, laid out [B, S, H, D], also feeds wo
-    without a copy), and the feed-forward norm. SwiGLU half: w1's and w3's outputs, silu(w1) and the product feeding w2.
-    RoPE keeps only the cos/sin tables, shared by every layer.
-    """
-    dim, heads = model_args.dim, model_args.n_heads
-    q_width = heads * model_args.head_dim
+def _widths(model_args) -> tuple[int, int, int, int]:
+    """(dim, q width, kv width, ffn width) of a block."""
+    q_width = model_args.n_heads * model_args.head_dim
     kv_width = model_args.n_kv_heads * model_args.head_dim
-    attention_half = (
+    return model_args.dim, q_width, kv_width, model_args.ffn_hidden_dim
+
+
+def _attention_half_bytes_per_token(model_args, act_bytes: int) -> int:
+    """Per local token, what a block keeps for backward outside the SwiGLU.
+
+    Both norms, q, k and v and the output the flash-style kernel saves with its fp32 LSE (never
+    the S x S scores; the output, laid out [B, S, H, D], also feeds wo without a copy). RoPE
+    keeps only the cos/sin tables, shared by every layer.
+    """
+    dim, q_width, kv_width, _ = _widths(model_args)
+    return (
         2 * _norm_bytes_per_token(dim, act_bytes)
         + (2 * q_width + 2 * kv_width) * act_bytes
-        + heads * FP32
+        + model_args.n_heads * FP32
     )
-    return {"attention_half": attention_half, "swiglu_half": 4 * model_args.ffn_hidden_dim * act_bytes}
 
 
-def _kept_and_recomputed(model_args, act_bytes: int, ac_mode: str) -> tuple[int, int]:
-    """(bytes a block keeps until its backward, bytes recomputed for the block in backward).
+def _swiglu_bytes_per_token(model_args, act_bytes: int) -> int:
+    """w1's and w3's outputs, silu(w1) and the product feeding w2."""
+    return 4 * model_args.ffn_hidden_dim * act_bytes
+
+
+def _kept_bytes_per_token(model_args, act_bytes: int, ac_mode: str, mlp_tiled: bool = False) -> int:
+    """Bytes per local token a block keeps from its forward until its backward.
 
     Matches titan_cp.parallel.parallelize.checkpoint_block: selective checkpoints the two norms
     and the feed-forward (each keeps only its input, and a norm's output is kept by its
     consumer), full the whole block (only its input is kept), full_except_attention the whole
-    block but attention's output and fp32 LSE, which it keeps besides the input.
+    block but attention's output and fp32 LSE, which it keeps besides the input. A tiled
+    feed-forward keeps only its input, which is the feed-forward norm's output, already counted.
     """
-    halves = _block_bytes_per_token(model_args, act_bytes)
-    whole = halves["attention_half"] + halves["swiglu_half"]
+    attention_half = _attention_half_bytes_per_token(model_args, act_bytes)
     if ac_mode == "none":
-        return whole, 0
+        return attention_half + (0 if mlp_tiled else _swiglu_bytes_per_token(model_args, act_bytes))
     if ac_mode == "selective":
         norm = _norm_bytes_per_token(model_args.dim, act_bytes)
-        checkpointed_norm = 2 * model_args.dim * act_bytes
-        kept = halves["attention_half"] - 2 * norm + 2 * checkpointed_norm
-        return kept, halves["swiglu_half"] + norm
+        return attention_half - 2 * norm + 2 * 2 * model_args.dim * act_bytes
     if ac_mode == "full":
-        return model_args.dim * act_bytes, whole
+        return model_args.dim * act_bytes
     if ac_mode == "full_except_attention":
-        attention = model_args.n_heads * (model_args.head_dim * act_bytes + FP32)
-        return model_args.dim * act_bytes + attention, whole - attention
+        return model_args.dim * act_bytes + _attention_output_bytes_per_token(model_args, act_bytes)
     raise UserError(
         f"activation_checkpoint.mode: {ac_mode!r} is not valid; use none, selective, full or full_except_attention"
     )
+
+
+def _attention_output_bytes_per_token(model_args, act_bytes: int) -> int:
+    """Attention's output and its fp32 LSE: what full_except_attention keeps of a block."""
+    return model_args.n_heads * (model_args.head_dim * act_bytes + FP32)
 
 
 def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) -> int:
@@ -145,18 +177,81 @@ def _attention_workspace_bytes_per_token(model_args, act_bytes: int, cp: int) ->
 
     batch_ring: the K/V block held and the one arriving; in backward the fp32 dQ accumulator,
     the kernel's dQ for the block, and three fp32 dK/dV pairs (this step's, the incoming one,
-    the one being sent); at cp = 2 these accumulate in the input dtype, so this is an upper bound
-    there. The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
+    the one being sent), in fp32, or at cp = 2 in the input dtype (the ring accumulates there in
+    the input dtype). The forward's fp32 output accumulator is smaller than that. varlen_llama3: all cp ranks' K/V
     gathered (heads_k_stride = all KV heads, the worst case) and their fp32 dK/dV before the
     reduce-scatter. Without cp the kernel works in place.
     """
     if cp == 1:
         return 0
-    q_width = model_args.n_heads * model_args.head_dim
-    kv_width = model_args.n_kv_heads * model_args.head_dim
-    ring = 2 * 2 * kv_width * act_bytes + q_width * act_bytes + (q_width + 3 * 2 * kv_width) * FP32
+    _, q_width, kv_width, _ = _widths(model_args)
+    accumulate = act_bytes if cp == 2 else FP32
+    ring = 2 * 2 * kv_width * act_bytes + q_width * act_bytes + (q_width + 3 * 2 * kv_width) * accumulate
     all_gather = cp * 2 * kv_width * (act_bytes + FP32)
     return max(ring, all_gather)
+
+
+def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, local_tokens: int, mlp_chunk: int) -> int:
+    """The largest working set of one block's backward beyond what the blocks keep.
+
+    Two phases, whichever is larger (they do not coexist: autograd frees a node's saved tensors
+    once its gradient is computed):
+    - the SwiGLU's backward, at silu(w1) * w3's gradient: w1's and w3's outputs, silu(w1) and
+      the product next to three gradients of the same width (seven, as counted on CPU), plus
+      what checkpointing recomputed before it (full: the whole attention half; selective: the
+      feed-forward norm's fp32 input and rsqrt). A tiled SwiGLU holds this for one chunk only
+      (its saved four and their three gradients), plus every chunk's input gradient until they
+      are joined;
+    - attention's backward: the kernel's dQ, dK, dV and its fp32 accumulators, the gradient of
+      its output, the cp workspace, and (full) the block's input and the recomputed attention
+      half without the feed-forward norm.
+    Both hold the incoming gradient and the residual gradient being accumulated (2 x dim).
+    """
+    dim, q_width, kv_width, ffn = _widths(model_args)
+    a = act_bytes
+    attention_half = _attention_half_bytes_per_token(model_args, a)
+    norm = _norm_bytes_per_token(dim, a)
+    residual_grads = 2 * dim * a
+    kept_attention = _attention_output_bytes_per_token(model_args, a)
+    recomputed_before_mlp = {
+        "none": 0,
+        "selective": norm - 2 * dim * a,
+        "full": attention_half,
+        "full_except_attention": attention_half - kept_attention,
+    }[ac_mode]
+    tiled = 0 < mlp_chunk < local_tokens
+    if tiled:
+        mlp_per_token = dim * a
+        mlp_fixed = mlp_chunk * 7 * ffn * a
+    else:
+        # Untiled without checkpointing, the four SwiGLU tensors are already among the kept ones.
+        mlp_per_token = 7 * ffn * a - (_swiglu_bytes_per_token(model_args, a) if ac_mode == "none" else 0)
+        mlp_fixed = 0
+    mlp_phase = local_tokens * (recomputed_before_mlp + mlp_per_token + residual_grads) + mlp_fixed
+    # Full checkpointing: the block's input (fetched back when offloaded) and the recomputed
+    # attention half without the feed-forward norm, whose backward is done (full_except_attention
+    # keeps the input and attention's output and LSE among the kept tensors).
+    recomputed_in_attention = {
+        "full": dim * a + attention_half - norm,
+        "full_except_attention": attention_half - norm - kept_attention,
+    }.get(ac_mode, 0)
+    attention_phase = local_tokens * (
+        recomputed_in_attention
+        + residual_grads
+        + q_width * a  # gradient of the attention output
+        + (q_width + 2 * kv_width) * a  # dQ, dK, dV
+        + ATTENTION_BACKWARD_FP32_WIDTHS * q_width * FP32  # the kernel's fp32 accumulators
+        + _attention_workspace_bytes_per_token(model_args, a, cp)
+    )
+    return max(mlp_phase, attention_phase)
+
+
+def loss_chunk_bytes(model_args, local_tokens: int, loss_chunk_size: int, act_bytes: int) -> int:
+    """One chunk of logits (titan_cp.loss recomputes each chunk in backward): the compute-dtype
+    matmul output, then in fp32 the logits, the log-softmax cross entropy keeps, its gradient and
+    the logits' gradient, of which three are alive at once."""
+    chunk = local_tokens if loss_chunk_size <= 0 else min(loss_chunk_size, local_tokens)
+    return chunk * model_args.vocab_size * (act_bytes + 3 * FP32)
 
 
 def estimate_memory(
@@ -170,69 +265,79 @@ def estimate_memory(
     loss_chunk_size: int,
     reshard_after_forward: str = "default",
     fsdp_prefetch: int = 0,
+    mlp_chunk_size: int = 0,
+    activation_offload: bool = False,
+    cpu_offload: bool = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of one rank for a training step.
+    """Estimate the peak memory of one rank for a training step (docs/memory.md derives it).
 
     `seq_len` is the full sequence length (each rank holds seq_len/cp tokens of it),
     `dp_shard_cp` the number of ranks FSDP shards over, `param_dtype_bytes` the compute dtype's
     size (2 for bf16, 4 for fp32: also the activations' dtype), `loss_chunk_size` the tokens per
     logits chunk (0 = all local tokens at once), `reshard_after_forward` the value of
     parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward),
-    `fsdp_prefetch` parallelism.fsdp_prefetch (N >= 2 holds N + 1 gathered blocks at once).
+    `fsdp_prefetch` parallelism.fsdp_prefetch (N >= 2 holds N + 1 gathered blocks at once),
+    `mlp_chunk_size` training.mlp_chunk_size, `activation_offload` activation_checkpoint.offload,
+    `cpu_offload` training.enable_cpu_offload, `compiled` compile.enable.
     """
     counts = count_params(model_args)
     local_tokens = local_batch_size * seq_len // cp
     sharded = counts.total / dp_shard_cp
     act = param_dtype_bytes
+    # AdamW's two moments exist from the first optimizer step on, so from the second step's
+    # backward every field below is alive at once.
+    state = {"params": sharded * FP32, "grads": sharded * FP32, "optimizer": sharded * 2 * FP32}
+    host = 0
+    if cpu_offload:
+        host += sum(state.values())
+        state = dict.fromkeys(state, 0)
 
     # FSDP's root unit (embedding, final norm, output) stays gathered from forward to the end of
     # backward, and so do its unsharded gradients; per block, two are gathered at once with
     # FSDP2's own prefetch (the running block and the next), N + 1 with an explicit prefetch of
     # N blocks, and in backward one block's unsharded gradient and its fp32 reduce-scatter
-    # input exist too. Without sharding and without a cast, parameters are used in place.
-    if dp_shard_cp > 1 or param_dtype_bytes != FP32:
+    # input exist too. Without sharding and without a cast, parameters are used in place. With
+    # CPU offload each unit's fp32 shards are also copied to the device before the all-gather.
+    if dp_shard_cp > 1 or param_dtype_bytes != FP32 or cpu_offload:
         root = counts.embedding + counts.output + counts.final_norm
         blocks_gathered = max(2, fsdp_prefetch + 1)
         gathered = 2 * root * act + blocks_gathered * counts.per_block * act + counts.per_block * (act + FP32)
         if reshard_after_forward == "never":
             gathered += counts.n_layers * counts.per_block * act
+        if cpu_offload:
+            gathered += (root + blocks_gathered * counts.per_block) * FP32 / dp_shard_cp
     else:
         gathered = 0
 
-    kept, recomputed = _kept_and_recomputed(model_args, act, ac_mode)
+    tiled = 0 < mlp_chunk_size < local_tokens
+    kept = local_tokens * _kept_bytes_per_token(model_args, act, ac_mode, tiled)
+    # Offloaded, every block's saved tensors are copied to the host and leave the device once
+    # copied; in backward the block running and the one being fetched back are on the device
+    # (in forward, the one computing and the one still copying out).
+    blocks_on_device = min(model_args.n_layers, 2) if activation_offload else model_args.n_layers
+    if activation_offload:
+        host += model_args.n_layers * kept
     dim = model_args.dim
-    # In backward one block at a time holds what checkpointing dropped (recomputed), then the
-    # gradients of its widest intermediates (three SwiGLU-sized, two hidden-sized, the norms'
-    # fp32 ones) as those recomputed tensors are freed, and inside attention the cp workspace.
-    # These phases do not overlap, so the peak adds only the largest (measured on 2 H200s:
-    # docs/memory.md).
-    transient = max(
-        recomputed,
-        (3 * model_args.ffn_hidden_dim + 2 * dim) * act + 2 * dim * FP32,
-        _attention_workspace_bytes_per_token(model_args, act, cp),
+    # Shared by all blocks for the whole step: RoPE's fp32 cos/sin tables.
+    rope = local_tokens * 2 * model_args.head_dim * FP32
+    block_backward = _block_backward_bytes(model_args, act, ac_mode, cp, local_tokens, mlp_chunk_size)
+    if compiled:
+        block_backward = int(block_backward * COMPILED_BACKWARD_FACTOR)
+    # Backward starts with the loss: the final norm's saved tensors and its input's gradient
+    # next to one chunk of logits; then the blocks, one at a time.
+    loss_backward = local_tokens * (_norm_bytes_per_token(dim, act) + 2 * dim * act) + loss_chunk_bytes(
+        model_args, local_tokens, loss_chunk_size, act
     )
-    per_token = (
-        model_args.n_layers * kept
-        + transient
-        # shared by all blocks: RoPE's fp32 cos/sin; after them the final norm
-        + 2 * model_args.head_dim * FP32
-        + _norm_bytes_per_token(dim, act)
-    )
-    activations = local_tokens * per_token
-
-    # One chunk of logits (titan_cp.loss recomputes each chunk in backward): the compute-dtype
-    # matmul output, then in fp32 the logits, the log-softmax cross entropy keeps, its gradient
-    # and the logits' gradient, of which three are alive at once.
-    chunk = local_tokens if loss_chunk_size <= 0 else min(loss_chunk_size, local_tokens)
-    loss = chunk * model_args.vocab_size * (act + 3 * FP32)
-
     return MemoryEstimate(
-        params=int(sharded * FP32),
-        grads=int(sharded * FP32),
-        optimizer=int(sharded * 2 * FP32),
+        params=int(state["params"]),
+        grads=int(state["grads"]),
+        optimizer=int(state["optimizer"]),
         gathered_params_peak=int(gathered),
-        activations=int(activations),
-        loss=int(loss),
+        activations=int(blocks_on_device * kept + rope),
+        backward_peak=int(max(block_backward, loss_backward)),
+        activations_last_block=int(kept + rope),
+        host=int(host),
     )
 
 
@@ -261,19 +366,81 @@ def device_capacity(device: torch.device, ranks_sharing_device: int = 1) -> tupl
     return share, FIXED_OVERHEAD_CPU, where
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1) -> None:
-    """Raise UserError when the estimate plus the safety margin exceeds what the device has.
+# The levers that lower a rank's peak, named in every refusal and out-of-memory message.
+LEVERS = (
+    "training.mlp_chunk_size (e.g. 8192), activation_checkpoint.offload true, activation_checkpoint.mode full,"
+    " a smaller training.loss_chunk_size, more cp or FSDP ranks (parallelism.context_parallel_degree,"
+    " parallelism.data_parallel_shard_degree), training.enable_cpu_offload true, a smaller training.seq_len"
+    " or training.local_batch_size"
+)
 
-    On CPU all local ranks share the machine's RAM: pass their number as `ranks_sharing_device`.
+
+def out_of_memory_message() -> str:
+    """The one line a rank prints when its device runs out of memory inside a step."""
+    where = "CPU"
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        where = (
+            f"GPU {device} of {total / GIB:.1f} GiB, peak allocated {torch.cuda.max_memory_allocated(device) / GIB:.1f}"
+            f" GiB, reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB"
+        )
+    return (
+        f"out of memory on rank {os.environ.get('RANK', '0')} ({where}); lower the peak per device with {LEVERS};"
+        " run_train.sh CONFIG [overrides] --help-memory prints the longest training.seq_len that fits and the next lever"
+    )
+
+
+def needed_bytes(estimate: MemoryEstimate, overhead: int) -> float:
+    """Device memory a run needs: the estimate with its safety margin and the fixed overhead."""
+    return estimate.total * (1 + SAFETY_FRACTION) + overhead
+
+
+def check_fits(estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1) -> None:
+    """Raise UserError when the estimate plus the safety margin exceeds what the device has, or
+    what the run keeps in host memory exceeds the RAM available.
+
+    On CPU all local ranks share the machine's RAM: pass their number as `ranks_sharing_device`;
+    there the host part adds to the device part.
     """
     capacity, overhead, where = device_capacity(device, ranks_sharing_device)
-    needed = estimate.total * (1 + SAFETY_FRACTION) + overhead
-    if needed <= capacity:
-        return
-    raise UserError(
-        f"the run does not fit: {estimate.format()}; with the safety margin it needs "
-        f"{needed / GIB:.1f} GiB but {where}; more cp or FSDP ranks "
-        "(parallelism.context_parallel_degree, parallelism.data_parallel_shard_degree), "
-        "activation_checkpoint.mode full, a smaller training.seq_len or training.local_batch_size "
-        "would help"
+    needed = needed_bytes(estimate, overhead) + (estimate.host if device.type == "cpu" else 0)
+    if needed > capacity:
+        raise UserError(
+            f"the run does not fit: {estimate.format()}; with the safety margin it needs "
+            f"{needed / GIB:.1f} GiB but {where}; {LEVERS} would help"
+        )
+    if device.type == "cuda" and estimate.host:
+        # On a GPU machine every local rank is a GPU: they all share the host's RAM.
+        ranks_on_host = max(1, torch.cuda.device_count())
+        host_share = _cpu_available_bytes() // ranks_on_host
+        if estimate.host > host_share:
+            raise UserError(
+                f"the run does not fit in host memory: {estimate.format()}, but {host_share / GIB:.1f} GiB of RAM"
+                f" is available per GPU; switch off activation_checkpoint.offload or training.enable_cpu_offload,"
+                " or use more cp or FSDP ranks"
+            )
+
+
+def estimate_for_config(model_args, cfg, dp_shard_cp: int, cp: int, on_gpu: bool, seq_len: int | None = None) -> MemoryEstimate:
+    """`estimate_memory` for a JobConfig's training, parallelism, activation checkpointing and
+    compile sections; `seq_len` overrides training.seq_len (the --help-memory search)."""
+    training = cfg.training
+    return estimate_memory(
+        model_args,
+        seq_len=training.seq_len if seq_len is None else seq_len,
+        local_batch_size=training.local_batch_size,
+        dp_shard_cp=dp_shard_cp,
+        cp=cp,
+        ac_mode=cfg.activation_checkpoint.mode,
+        # CPU runs always compute in fp32.
+        param_dtype_bytes=2 if on_gpu and training.mixed_precision_param == "bfloat16" else FP32,
+        loss_chunk_size=training.loss_chunk_size,
+        reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+        fsdp_prefetch=cfg.parallelism.fsdp_prefetch,
+        mlp_chunk_size=training.mlp_chunk_size,
+        activation_offload=cfg.activation_checkpoint.offload,
+        cpu_offload=training.enable_cpu_offload,
+        # compile.enable "auto" compiles on CUDA only (titan_cp.parallel.parallelize.compile_enabled).
+        compiled=cfg.compile.enable is True or (cfg.compile.enable == "auto" and on_gpu),
     )

@@ -28,13 +28,34 @@ class FlopsPerToken:
     torchtitan: float
 
 
-def flops_per_token(non_embedding_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> FlopsPerToken:
-    """Training FLOPs per token (forward + backward) at full sequence length `seq_len`."""
+def flops_per_token(
+    non_embedding_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int,
+    keys_per_token: float | None = None,
+) -> FlopsPerToken:
+    """Training FLOPs per token (forward + backward) at full sequence length `seq_len`.
+
+    The causal attention term is 12*L*H*d per key a query attends to (QK^T and PV, 2 FLOPs per
+    multiply-add, x3 with the backward): `keys_per_token` keys on average, seq_len / 2 for
+    a plain causal window (6*L*H*d*S). With packed documents a query sees only its document's
+    earlier tokens, so pass `mean_causal_keys` of the packed windows: MFU then counts only the
+    pairs documents really compute. The torchtitan figure keeps its full-window 12*L*H*d*S.
+    """
     dense = 6 * non_embedding_params
+    keys = seq_len / 2 if keys_per_token is None else keys_per_token
     return FlopsPerToken(
-        causal=dense + 6 * n_layers * n_heads * head_dim * seq_len,
+        causal=dense + 12 * n_layers * n_heads * head_dim * keys,
         torchtitan=dense + 12 * n_layers * n_heads * head_dim * seq_len,
     )
+
+
+def mean_causal_keys(positions: torch.Tensor) -> float:
+    """Mean number of keys a query attends to in packed windows `[N, S]`: a document starts where
+    its position is 0 and at every window start (padding counts as a document of its own)."""
+    count, seq_len = positions.shape
+    index = torch.arange(seq_len).expand(count, seq_len)
+    starts = torch.where((positions == 0) | (index == 0), index, torch.zeros_like(index))
+    keys = index - starts.cummax(dim=1).values + 1
+    return keys.double().mean().item()
 
 
 def peak_memory_gib(device: torch.device) -> float:

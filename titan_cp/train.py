@@ -24,8 +24,8 @@ from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.loss import IGNORE_INDEX
-from titan_cp.memory import check_fits, estimate_memory
-from titan_cp.metrics import MetricsLogger, flops_per_token, print_rank0
+from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
+from titan_cp.metrics import MetricsLogger, flops_per_token, mean_causal_keys, print_rank0
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.output_folder import output_folder_error
@@ -56,9 +56,13 @@ def build_model(model_args: TransformerModelArgs, attention) -> Transformer:
         return Transformer(model_args, attention=attention)
 
 
-def materialise_and_init(model: Transformer, device: torch.device) -> None:
-    """Allocate the (sharded) parameters on `device`, initialise them and switch to training mode."""
-    model.to_empty(device=device)
+def materialise_and_init(model: Transformer, device: torch.device, cpu_offload: bool = False) -> None:
+    """Allocate the (sharded) parameters on `device`, initialise them and switch to training mode.
+
+    With CPU offload (training.enable_cpu_offload) FSDP2 keeps the sharded parameters in host
+    memory, so they are allocated there; the buffers still go to `device`.
+    """
+    model.to_empty(device="cpu" if cpu_offload else device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     model.train()
@@ -105,7 +109,7 @@ class Trainer:
         self.model = build_model(self.model_args, self.cp.attention)
         self.convert()
         self.parallelize()
-        materialise_and_init(self.model, self.device)
+        materialise_and_init(self.model, self.device, self.cfg.training.enable_cpu_offload)
         self.print_model_summary()
         self.optimizer, self.lr_scheduler = self.build_optimizer()
         self.dataloader = self.build_data()
@@ -176,18 +180,13 @@ class Trainer:
 
     def check_memory(self) -> None:
         """Print the per-device memory estimate and refuse a run that cannot fit, before allocating."""
-        cfg, training = self.cfg, self.cfg.training
-        estimate = estimate_memory(
+        cfg = self.cfg
+        estimate = estimate_for_config(
             self.model_args,
-            seq_len=training.seq_len,
-            local_batch_size=training.local_batch_size,
+            cfg,
             dp_shard_cp=self.dims.dp_shard * self.dims.cp,
             cp=self.dims.cp,
-            ac_mode=cfg.activation_checkpoint.mode,
-            param_dtype_bytes=2 if self.device.type == "cuda" and training.mixed_precision_param == "bfloat16" else 4,
-            loss_chunk_size=training.loss_chunk_size,
-            reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
-            fsdp_prefetch=cfg.parallelism.fsdp_prefetch,
+            on_gpu=self.device.type == "cuda",
         )
         print_rank0(f"memory estimate per device: {estimate.format()}", self.rank)
         # On CPU every local rank shares the machine's RAM.
@@ -270,13 +269,23 @@ class Trainer:
         return step
 
     def build_metrics(self) -> MetricsLogger:
+        training = self.cfg.training
+        # With packing, attention FLOPs count only the pairs within documents (mean over the data).
+        keys_per_token = _packed_keys_per_token(self.dataloader.samples) if training.sample_packing else None
         flops = flops_per_token(
             self.model_args.num_params(exclude_embedding=True),
             self.model_args.n_layers,
             self.model_args.n_heads,
             self.model_args.head_dim,
-            self.cfg.training.seq_len,
+            training.seq_len,
+            keys_per_token,
         )
+        if keys_per_token is not None:
+            print_rank0(
+                f"flops: packed documents, {keys_per_token:.0f} keys per query on average"
+                f" ({training.seq_len // 2} for causal windows of {training.seq_len})",
+                self.rank,
+            )
         return MetricsLogger(
             self.cfg.job.dump_folder,
             flops,
@@ -412,6 +421,13 @@ class Trainer:
 _LAUNCHER_GRACE_SECONDS = 60
 
 
+def _packed_keys_per_token(samples, most: int = 256) -> float:
+    """Mean keys per query over up to `most` packed windows spread over the dataset (the MFU's
+    attention term; reading every window of a large dataset would delay the start)."""
+    stride = max(1, len(samples) // most)
+    return mean_causal_keys(torch.stack([samples[i][2] for i in range(0, len(samples), stride)]))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # Set by scripts/run_train.sh. Under it the launcher prints a user mistake and owns the exit
@@ -435,6 +451,18 @@ def main(argv: list[str] | None = None) -> None:
             f.write(f"error: {error}\n")
         time.sleep(_LAUNCHER_GRACE_SECONDS)
         os._exit(0)
+    except torch.OutOfMemoryError:
+        # Any rank may run out alone. It reports like a user mistake: one line, and under the
+        # launcher, which then ends every rank at once, no traceback from the ranks waiting for it.
+        message = f"error: {out_of_memory_message()}\n"
+        if not error_file:
+            sys.stderr.write(message)
+            sys.stderr.flush()
+            os._exit(3)
+        with open(error_file, "a") as f:
+            f.write(message)
+        time.sleep(_LAUNCHER_GRACE_SECONDS)
+        os._exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

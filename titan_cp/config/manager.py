@@ -263,6 +263,7 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
     check("training.local_batch_size", t.local_batch_size >= 1, ">= 1")
     check("training.global_batch_size", t.global_batch_size == -1 or t.global_batch_size >= 1, "-1 or >= 1")
     check("training.loss_chunk_size", t.loss_chunk_size >= 0, ">= 0 (0 computes all logits at once)")
+    check("training.mlp_chunk_size", t.mlp_chunk_size >= 0, ">= 0 (0 runs the feed-forward in one piece)")
     check("training.max_norm", t.max_norm >= 0, ">= 0 (0 disables clipping)")
     check("optimizer.lr", o.lr > 0, "> 0")
     check("optimizer.beta1", 0 <= o.beta1 < 1, "in [0, 1)")

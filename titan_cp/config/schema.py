@@ -42,7 +42,8 @@ class Model:
     attn_implementation: Literal["auto", "cudnn", "flash", "sdpa_cpu", "flash_attn"] = option(
         "auto",
         "local attention kernel: auto (cuDNN on Hopper, flash elsewhere on CUDA, CPU kernel on CPU),"
-        " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package)",
+        " cudnn, flash, sdpa_cpu, or flash_attn (the flash-attn package); with packing, cudnn runs"
+        " cuDNN's varlen kernel when the [cudnn] extra is installed, else FA2 varlen",
     )
     converters: list[Literal["float8"]] = field(
         default_factory=list,
@@ -115,6 +116,14 @@ class Training:
     loss_chunk_size: int = option(
         4096, "tokens per chunk of the output projection and loss; 0 computes all logits at once"
     )
+    mlp_chunk_size: int = option(
+        0, "tokens per chunk of the feed-forward, recomputed chunk by chunk in backward so no"
+        " [seq, ffn_dim] intermediate exists for the whole local sequence; 0 runs it in one piece",
+    )
+    enable_cpu_offload: bool = option(
+        False, "keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy);"
+        " the optimizer step runs on the CPU",
+    )
 
 
 @dataclass
@@ -147,7 +156,8 @@ class Parallelism:
         " blocks in forward and the previous N in backward (up to N+1 blocks gathered at once)",
     )
     context_parallel_load_balancer: Literal["zigzag", "none"] = option(
-        "zigzag", "sequence layout for batch_ring: zigzag (2*cp chunks, balanced) or none (contiguous)"
+        "zigzag", "sequence layout: zigzag (balanced causal work: 2*cp chunks for batch_ring, 2*cp chunks of"
+        " every document with packing) or none (contiguous)"
     )
     ring_attn_func: Literal["auto", "batch_ring", "varlen_llama3"] = option(
         "auto", "cp attention: batch_ring (p2p ring) or varlen_llama3 (all-gather K/V); auto picks"
@@ -179,6 +189,10 @@ class ActivationCheckpoint:
         "none",
         "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full, or"
         " full_except_attention (recomputes each block but keeps attention's output and LSE)",
+    )
+    offload: bool = option(
+        False, "copy the activations each block keeps for backward to pinned host memory during forward"
+        " and back ahead of the block's backward, on side streams",
     )
 
 

@@ -5,9 +5,12 @@ an `attention(q, k, v, attention_context)` entry point:
 - no packing, cp = 1: the local causal kernel;
 - no packing, cp > 1: the batch ring (`ring_attention`, or ring-flash-attn with
   attn_implementation = flash_attn) in the zigzag or contiguous layout;
-- packing (any cp), or ring_attn_func = varlen_llama3: all-gather K/V varlen attention over the
-  documents, which are found from the positions (a document starts where the position is 0).
-The batch ring is not document-aware, so it refuses packed batches (invariant 5 in docs/architecture.md).
+- packing (any cp), or ring_attn_func = varlen_llama3: document-masked varlen attention (one
+  kernel call at cp = 1, all-gather K/V over the cp ranks otherwise) over the documents, which
+  are found from the positions (a document starts where the position is 0); the tokens are
+  sharded zigzag within each document (document_sharding.py), or contiguously with
+  context_parallel_load_balancer = none and for ring-flash-attn.
+The batch ring is not document-aware, so it refuses packed batches (invariant 5 in docs/architecture.md; docs/packing.md).
 With parallelism.context_parallel_ulysses_degree = u > 1 the cp mesh is (cp_ring, ulysses): the
 Ulysses all-to-all (ulysses.py) wraps whichever of the above runs over the cp / u ring ranks.
 """
@@ -19,10 +22,12 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_cp.config.schema import Parallelism
+from titan_cp.context_parallel.document_sharding import PackedShards, packed_shards
 from titan_cp.context_parallel.kernels import get_kernel, local_attention, resolve_attn_implementation
 from titan_cp.context_parallel.ring_attention import ring_attention
 from titan_cp.context_parallel.sharding import Layout, shard, validate_seq_len
 from titan_cp.context_parallel.ulysses import kv_copies, ulysses_attention, validate_ulysses
+from titan_cp.context_parallel.varlen_attention import document_cu_seqlens, varlen_llama3_attention
 from titan_cp.errors import UserError
 
 Algorithm = Literal["local", "batch_ring", "varlen_llama3"]
@@ -33,11 +38,13 @@ class AttentionContext:
     """What attention needs to know about the batch besides q/k/v; opaque to the model.
 
     `cu_seqlens` (int32, document starts over the flattened full `B*S` tokens, ending with
-    `B*S`) is set when the varlen all-gather attention runs, None otherwise.
+    `B*S`) and `shards` (which tokens every ring rank holds) are set when the document-masked
+    attention runs, None otherwise.
     """
 
     layout: Layout
     cu_seqlens: torch.Tensor | None = None
+    shards: PackedShards | None = None
 
 
 class ContextParallel:
@@ -71,10 +78,14 @@ class ContextParallel:
         self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
         self.kernel = get_kernel(self.attn_implementation)
         self.algorithm = self._pick_algorithm(parallelism.ring_attn_func)
-        if self.algorithm == "batch_ring" and parallelism.context_parallel_load_balancer == "zigzag":
-            self.layout: Layout = "zigzag"
+        balanced = parallelism.context_parallel_load_balancer == "zigzag"
+        # ring-flash-attn's own all-gather attention shards packed batches contiguously.
+        if self.algorithm == "varlen_llama3" and self.attn_implementation == "flash_attn":
+            balanced = False
+        if self.ring == 1 or not balanced:
+            self.layout: Layout = "contiguous"
         else:
-            self.layout = "contiguous"
+            self.layout = "zigzag"
 
     def _pick_algorithm(self, ring_attn_func: str) -> Algorithm:
         if self.sample_packing or ring_attn_func == "varlen_llama3":
@@ -104,11 +115,20 @@ class ContextParallel:
                 f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
                 f" {n_kv_heads} KV heads" + (" per Ulysses rank" if self.ulysses > 1 else "")
             )
-        validate_seq_len(seq_len, self.cp, self.layout)
+        if self.algorithm == "varlen_llama3":
+            # Zigzag within documents cuts every document on its own: only S % cp matters.
+            if seq_len % self.cp:
+                raise UserError(
+                    f"training.seq_len {seq_len} must be divisible by parallelism.context_parallel_degree"
+                    f" {self.cp} (every rank holds seq_len / cp tokens of each sample)"
+                )
+        else:
+            validate_seq_len(seq_len, self.cp, self.layout)
 
     def describe(self) -> str:
         """The attention that runs, for the startup log (after validate)."""
-        inner = f"{self.algorithm} ({self.layout}, {self.attn_implementation})"
+        packed = f", packed: {self.kernel.varlen_name}" if self.algorithm == "varlen_llama3" else ""
+        inner = f"{self.algorithm} ({self.layout}, {self.attn_implementation}{packed})"
         if self.ulysses == 1:
             return inner
         across = f" over {self.ring} ring ranks" if self.ring > 1 else ""
@@ -121,24 +141,28 @@ class ContextParallel:
 
         Labels are already shifted on the full sequence, so sharding loses no target.
         """
-        cu_seqlens = None
         if self.algorithm == "varlen_llama3":
-            from titan_cp.context_parallel.varlen_attention import document_cu_seqlens
-
             cu_seqlens = document_cu_seqlens(positions)
-        context = AttentionContext(layout=self.layout, cu_seqlens=cu_seqlens)
-        if self.cp == 1:
-            return tokens, labels, positions, context
-        parts = (self.shard_sequence(x) for x in (tokens, labels, positions))
+            shards = packed_shards(cu_seqlens.tolist(), *tokens.shape, self.ring, self.layout)
+            context = AttentionContext(self.layout, cu_seqlens, shards)
+        else:
+            context = AttentionContext(layout=self.layout)
+            if self.cp == 1:
+                return tokens, labels, positions, context
+        parts = (self.shard_sequence(x, context) for x in (tokens, labels, positions))
         return (*parts, context)
 
-    def shard_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full `[B, S, ...]` tensor along dim 1.
+    def shard_sequence(self, x: torch.Tensor, context: AttentionContext | None = None) -> torch.Tensor:
+        """This rank's part of a full `[B, S, ...]` tensor along dim 1, in the layout of the batch
+        `context` was made for (packed batches have their own layout, `context.shards`).
 
         With Ulysses: the ring rank's shard in the layout, then this rank's contiguous part of it,
         so that the all-to-all puts the ring shard back together in order.
         """
-        x = shard(x, self.ring_rank, self.ring, self.layout)
+        if context is not None and context.shards is not None:
+            x = context.shards.shard(x, self.ring_rank)
+        else:
+            x = shard(x, self.ring_rank, self.ring, self.layout)
         return shard(x, self.ulysses_rank, self.ulysses, "contiguous") if self.ulysses > 1 else x
 
     def attention(
@@ -158,12 +182,9 @@ class ContextParallel:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_context: AttentionContext
     ) -> torch.Tensor:
         """Attention over the ring ranks (all cp ranks without Ulysses)."""
-        if attention_context.cu_seqlens is not None:
-            from titan_cp.context_parallel.varlen_attention import varlen_llama3_attention
-
-            cu_seqlens = attention_context.cu_seqlens
+        if attention_context.shards is not None:
             return varlen_llama3_attention(
-                q, k, v, cu_seqlens, self.group, self.heads_k_stride, self.attn_implementation
+                q, k, v, attention_context.shards, self.group, self.heads_k_stride, self.kernel
             )
         if self.ring == 1:
             return local_attention(q, k, v, self.kernel, causal=True)

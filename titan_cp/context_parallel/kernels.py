@@ -1,4 +1,10 @@
-"""Local attention kernels that return the log-sum-exp (LSE) and take it back in backward.
+"""The one registry of local attention kernels, dense and varlen (packed documents) alike.
+
+Every `model.attn_implementation` is one `AttentionKernel` subclass below, registered in
+`_KERNELS`; it offers dense attention (`forward`/`backward`, for cp = 1 and the ring) and packed
+attention (`varlen_forward`/`varlen_backward`, for the document-aware paths), so what runs for a
+name is decided here and nowhere else. Both return the log-sum-exp (LSE) and take it back in
+backward.
 
 Ring attention computes attention one K/V block at a time, merges the partial outputs through
 their LSE, and runs every block's backward against the *merged* output and LSE. So a kernel must
@@ -16,19 +22,20 @@ scale `D ** -0.5`. `causal` is only asked for on square blocks (S_q == S_k), whe
 (aten) and bottom-right (flash-attn) conventions agree.
 """
 
-import importlib
-import inspect
 from typing import Callable
 
 import torch
+from torch import Tensor
 
+from titan_cp.context_parallel import cudnn_varlen, varlen_kernels
+from titan_cp.context_parallel.flash_attn_package import call_flash_attn, import_flash_attn_interface
+from titan_cp.context_parallel.varlen_kernels import VarlenSegments
 from titan_cp.errors import UserError
 
 aten = torch.ops.aten
 
 IMPLEMENTATIONS = ("cudnn", "flash", "sdpa_cpu", "flash_attn")
 _KEY = "model.attn_implementation"
-FLASH_INSTALL_HINT = "pip install titan_cp[flash]"
 
 
 class AttentionKernel:
@@ -81,6 +88,23 @@ class AttentionKernel:
     def _backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
         raise NotImplementedError
 
+    # Packed documents (varlen_kernels.py states the layout and the bottom-right causal mask).
+    varlen_name: str = ""  # what packed attention runs, for the startup log and the benchmark
+
+    def varlen_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, segments: VarlenSegments, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """Causal attention per segment: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]` -> out like q, lse
+        fp32 `[Hq, Tq]`. Query head h uses KV head h // (Hq / Hkv)."""
+        raise NotImplementedError
+
+    def varlen_backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        segments: VarlenSegments, scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) of `varlen_forward` from its saved out and lse; dk/dv have Hkv heads."""
+        raise NotImplementedError
+
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> int:
     """The GQA group size Hq // Hkv, after checking the shapes agree."""
@@ -125,6 +149,11 @@ class SdpaCpuKernel(AttentionKernel):
         )
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
+    # No CPU varlen op exists: exact fp32 masked math per segment (the CPU reference path).
+    varlen_name = "fp32 masked math per document"
+    varlen_forward = staticmethod(varlen_kernels.math_varlen_forward)
+    varlen_backward = staticmethod(varlen_kernels.math_varlen_backward)
+
 
 class FlashKernel(AttentionKernel):
     """FlashAttention-2 as built into PyTorch (CUDA). It supports GQA natively."""
@@ -147,6 +176,10 @@ class FlashKernel(AttentionKernel):
             None, None, q.shape[1], k.shape[1], 0.0, causal, philox, philox, scale=scale,
         )  # fmt: skip
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+
+    varlen_name = "FA2 varlen (aten)"
+    varlen_forward = staticmethod(varlen_kernels.flash_varlen_forward)
+    varlen_backward = staticmethod(varlen_kernels.flash_varlen_backward)
 
 
 class CudnnKernel(AttentionKernel):
@@ -178,6 +211,28 @@ class CudnnKernel(AttentionKernel):
         )  # fmt: skip
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
+    # Packed documents: cuDNN's THD kernel when nvidia-cudnn-frontend is installed, else FA2
+    # varlen (PyTorch has no cuDNN varlen op whose backward takes a saved LSE); cudnn_varlen.py.
+    @property
+    def varlen_name(self) -> str:
+        if cudnn_varlen.cudnn_varlen_available():
+            return "cuDNN THD (nvidia-cudnn-frontend)"
+        return f"FA2 varlen (aten; {cudnn_varlen.CUDNN_INSTALL_HINT} for cuDNN)"
+
+    @staticmethod
+    def _cudnn_runs(segments: VarlenSegments) -> bool:
+        return cudnn_varlen.cudnn_varlen_available() and cudnn_varlen.fits(segments)
+
+    def varlen_forward(self, q, k, v, segments, scale):
+        if self._cudnn_runs(segments):
+            return cudnn_varlen.cudnn_varlen_forward(q, k, v, segments, scale)
+        return varlen_kernels.flash_varlen_forward(q, k, v, segments, scale)
+
+    def varlen_backward(self, dout, q, k, v, out, lse, segments, scale):
+        if self._cudnn_runs(segments):
+            return cudnn_varlen.cudnn_varlen_backward(dout, q, k, v, out, lse, segments, scale)
+        return varlen_kernels.flash_varlen_backward(dout, q, k, v, out, lse, segments, scale)
+
 
 class FlashAttnPackageKernel(AttentionKernel):
     """The flash-attn package's FA2 functions (optional extra). GQA is native."""
@@ -191,7 +246,7 @@ class FlashAttnPackageKernel(AttentionKernel):
         self._bwd = interface._flash_attn_backward
 
     def _forward(self, q, k, v, causal, scale):
-        out, lse, *_ = _call_flash_attn(
+        out, lse, *_ = call_flash_attn(
             self._fwd, q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
             return_softmax=False,
         )  # fmt: skip
@@ -199,38 +254,16 @@ class FlashAttnPackageKernel(AttentionKernel):
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _call_flash_attn(
+        call_flash_attn(
             self._bwd, dout=dout.contiguous(), q=q, k=k, v=v, out=out.contiguous(), softmax_lse=lse,
             dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=causal, deterministic=False,
         )  # fmt: skip
         return dq, dk, dv
 
-
-def import_flash_attn_interface():
-    """flash_attn.flash_attn_interface, or a one-line UserError saying how to install it."""
-    try:
-        return importlib.import_module("flash_attn.flash_attn_interface")
-    except ImportError as e:
-        raise UserError(
-            f"{_KEY} = flash_attn needs the flash-attn package ({e}): {FLASH_INSTALL_HINT}"
-        ) from None
-
-
-def _call_flash_attn(fn: Callable, **kwargs):
-    """Call a flash-attn private function whatever its release spells the defaults as.
-
-    flash-attn 2.6+ takes `window_size_left/right` and `softcap`, earlier 2.x releases one
-    `window_size` tuple; the function may also be wrapped as a torch custom op.
-    """
-    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, -1)
-    else:
-        kwargs.update(window_size_left=-1, window_size_right=-1)
-    if "softcap" in params:
-        kwargs["softcap"] = 0.0
-    kwargs["alibi_slopes"] = None
-    return fn(**kwargs)
+    # At cp = 1; with cp > 1 the whole all-gather attention is ring-flash-attn's (varlen_attention.py).
+    varlen_name = "flash-attn FA2 varlen"
+    varlen_forward = staticmethod(varlen_kernels.package_varlen_forward)
+    varlen_backward = staticmethod(varlen_kernels.package_varlen_backward)
 
 
 _KERNELS: dict[str, Callable[[], AttentionKernel]] = {

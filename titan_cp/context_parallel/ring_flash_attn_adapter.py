@@ -21,7 +21,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from titan_cp.context_parallel.kernels import FLASH_INSTALL_HINT
+from titan_cp.context_parallel.flash_attn_package import FLASH_INSTALL_HINT
 from titan_cp.context_parallel.sharding import Layout
 from titan_cp.errors import UserError
 

@@ -1,31 +1,37 @@
-"""All-gather K/V attention for packed documents (Llama 3 paper §3.3.2).
+"""Document-masked attention for packed batches: one varlen kernel call at cp = 1, all-gather K/V
+over the cp ranks otherwise (Llama 3 paper §3.3.2).
 
-Each cp rank holds a contiguous shard of every sample: rank r has tokens [r·L, (r+1)·L) with
-L = S / cp. Its queries need, per document, the keys from the document's start up to themselves,
-which may live on lower ranks. Rather than passing K/V around a ring (where a document mask
-would have to be re-cut at every step), each rank all-gathers K/V and runs one varlen attention
-of its local queries against exactly the prefix they need. Under GQA only the KV heads travel
-(Llama 3 8B: 8 of 32 heads), and `heads_k_stride` gathers them a few heads at a time, the next
-group's all-gather in flight while the current group computes, to bound the gathered memory.
-The backward re-gathers K/V the same way, computes dq locally and reduce-scatters dK/dV in fp32
-to the ranks that own those tokens. docs/packing.md explains the choices.
+Each cp rank holds some runs of every document (document_sharding.py: zigzag within each
+document by default, so every rank does the same causal work). A run's queries need the keys from
+their document's start up to themselves, which may live on any rank. Rather than passing K/V
+around a ring (where the document mask would have to be re-cut at every step), each rank
+all-gathers K/V and runs one varlen attention of its runs against exactly the keys they need.
+Under GQA only the KV heads travel (Llama 3 8B: 8 of 32 heads), and `heads_k_stride` gathers them
+a few heads at a time, the next group's all-gather in flight while the current group computes.
+
+The backward re-gathers K/V the same way (nothing gathered is kept for it), computes dq locally,
+and returns each key's gradient to the rank that owns the key with one all-to-all per head group:
+a rank sends, in fp32, only the keys its queries touched, each summed once, and the owner adds up
+what it receives; the all-to-all of one group overlaps the next group's compute. docs/packing.md
+explains the choices.
 """
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from titan_cp.context_parallel.document_sharding import PackedShards
+from titan_cp.context_parallel.kernels import AttentionKernel
 from titan_cp.context_parallel.ring_flash_attn_adapter import ring_flash_attn_module
-from titan_cp.context_parallel.varlen_kernels import VarlenSegments, varlen_backward, varlen_forward
+from titan_cp.context_parallel.varlen_kernels import VarlenSegments
 
-# torch 2.13 renamed the tensor-in/tensor-out collectives (`*_single`); older releases (the
-# GPU machines run 2.11) only have the `*_tensor` names. Same semantics.
+# torch 2.13 renamed the tensor-in/tensor-out all-gather (`all_gather_single`); older releases
+# (the GPU machines run 2.11) only have the `*_tensor` name. Same semantics.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def document_cu_seqlens(positions: Tensor) -> Tensor:
@@ -47,136 +53,214 @@ def varlen_llama3_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cu_seqlens: Tensor,
+    shards: PackedShards,
     cp_group: Optional[dist.ProcessGroup],
     heads_k_stride: int,
-    kernel: str,
+    kernel: AttentionKernel,
 ) -> Tensor:
-    """Document-masked causal attention of this rank's contiguous shard of a packed batch.
+    """Document-masked causal attention of this rank's shard of a packed batch.
 
     `heads_k_stride` must divide the KV heads: `ContextParallel.validate` checks it once, before
     training (the config checks that it is >= 1).
 
-    q `[B, S/cp, Hq, D]`, k/v `[B, S/cp, Hkv, D]`; cu_seqlens are the global boundaries over the
-    flattened full B*S tokens (`document_cu_seqlens`); cp_group None means cp = 1. kernel is a
-    name from `kernels.resolve_attn_implementation`. Returns `[B, S/cp, Hq, D]` in q's dtype.
+    q `[B, L, Hq, D]`, k/v `[B, L, Hkv, D]`: this rank's tokens in `shards`' local order;
+    cp_group None means cp = 1. Returns `[B, L, Hq, D]` in q's dtype.
     """
     n_kv = k.shape[2]
     if q.shape[2] % n_kv:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {n_kv} KV heads")
-    cp, rank = _group_size_rank(cp_group)
-    batch, shard_len = q.shape[:2]
-    if kernel == "flash_attn" and cp > 1:
-        return _ring_flash_attn_llama3(q, k, v, cu_seqlens, cp_group, heads_k_stride)
-    plan = _cached(cu_seqlens, ("plan", batch, shard_len, rank, cp, str(q.device)), _build_plan)
-    group = cp_group if cp > 1 else None
-    return _AllGatherKVAttention.apply(q, k, v, plan, group, heads_k_stride, kernel)
+    cp, rank = (1, 0) if cp_group is None else (dist.get_world_size(cp_group), dist.get_rank(cp_group))
+    if cp != shards.cp or q.shape[:2] != shards.token_index.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)} is not a shard of {shards.batch}x{shards.seq_len} tokens over cp={cp}")
+    if cp == 1:
+        segments = _cached(shards, ("segments", str(q.device)), lambda: _local_segments(shards, q.device))
+        return _LocalVarlenAttention.apply(q, k, v, segments, kernel)
+    if kernel.name == "flash_attn":
+        return _ring_flash_attn_llama3(q, k, v, shards, cp_group, heads_k_stride)
+    plan = _cached(shards, ("plan", rank, str(q.device)), lambda: _build_plan(shards, rank, q.device))
+    return _AllGatherKVAttention.apply(q, k, v, plan, cp_group, heads_k_stride, kernel)
 
 
-def _group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+# Plans are built on the host once per batch and reused by every layer; they hang off the
+# batch's PackedShards (made fresh by ContextParallel.shard for each batch) and die with it.
+_plans: "weakref.WeakKeyDictionary[PackedShards, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(shards: PackedShards, key: tuple, build):
+    per_batch = _plans.setdefault(shards, {})
+    if key not in per_batch:
+        per_batch[key] = build()
+    return per_batch[key]
+
+
+# --- cp = 1: the documents themselves are the segments -------------------------------------------
+
+
+def _local_segments(shards: PackedShards, device: torch.device) -> VarlenSegments:
+    bounds = [0]
+    for _, _, a, e in shards.runs[0]:
+        bounds.append(bounds[-1] + e - a)
+    return VarlenSegments.from_bounds(bounds, bounds, device)
+
+
+class _LocalVarlenAttention(torch.autograd.Function):
+    """All heads in one kernel call: nothing is gathered, so heads_k_stride has nothing to bound."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments: VarlenSegments, kernel: AttentionKernel):
+        scale = q.shape[-1] ** -0.5
+        qf, kf, vf = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
+        out, lse = kernel.varlen_forward(qf, kf, vf, segments, scale)
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.args = (segments, kernel, scale, q.shape, k.shape)
+        return out.view(q.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        segments, kernel, scale, q_shape, k_shape = ctx.args
+        dq, dk, dv = kernel.varlen_backward(dout.reshape(qf.shape), qf, kf, vf, out, lse, segments, scale)
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None
+
+
+# --- cp > 1: all-gather K/V ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _ShardPlan:
-    """What one rank computes: its query/key segments and which gathered K/V rows feed them.
+class _GatherPlan:
+    """What one rank computes and where its key gradients go.
 
     The gathered buffer of one head group is `[cp, 2, B*L, heads, D]` (rank-major, K then V);
-    `kv_rows` indexes its first dimension flattened, K rows first then V rows, in segment order.
+    `kv_rows` indexes its first three dimensions flattened: the keys in segment order, padded to
+    `n_padded`, then the values the same way. Padding rows (copies of row 0, outside every
+    segment) round the key count up so that consecutive batches present the same shapes to the
+    kernels (cuDNN builds a graph per shape).
+
+    Backward: a document's runs on one rank all start their keys at the document start, so the
+    run reaching furthest (*primary*) covers every key the rank touches in that document; the
+    other runs' keys (*secondary*, zigzag's head chunk) are added onto those. `send_keys[i]` is
+    the primary key of send slot i (slots ordered by owner rank, then owner row);
+    `send_counts[j]` slots go to rank j; rank j sends back `recv_rows[j]` (local rows).
     """
 
     segments: VarlenSegments
     kv_rows: Tensor
     n_keys: int
+    n_padded: int
+    send_keys: Tensor
+    secondary_keys: Tensor
+    secondary_slots: Tensor
+    send_counts: list[int]
+    recv_rows: list[Tensor]
 
 
-# One plan per batch: every layer calls with the same cu_seqlens tensor, and building a plan
-# reads the boundaries on the host. Keyed by the tensor's identity (held weakly): shard() makes
-# a fresh cu_seqlens for each batch, and a used one must not be edited in place.
-_cache: dict[tuple, tuple] = {}
+def _owners(shards: PackedShards) -> tuple[Tensor, Tensor]:
+    """For each flattened token b*S + p: the rank that holds it and its row in that rank's `[B*L]`."""
+    batch, seq = shards.batch, shards.seq_len
+    owner = torch.empty(batch * seq, dtype=torch.int64)
+    row = torch.empty(batch * seq, dtype=torch.int64)
+    local_rows = torch.arange(shards.token_index[0].numel())
+    for rank in range(shards.cp):
+        flat = (shards.token_index[rank] + torch.arange(batch).unsqueeze(1) * seq).reshape(-1)
+        owner[flat] = rank
+        row[flat] = local_rows
+    return owner, row
 
 
-def _cached(cu_seqlens: Tensor, key: tuple, build: Callable):
-    """build(boundaries as ints, *key[1:]) for this cu_seqlens, remembered for the last batch."""
-    hit = _cache.get(key[0])
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == key:
-        return hit[2]
-    value = build(cu_seqlens.tolist(), *key[1:])
-    _cache[key[0]] = (weakref.ref(cu_seqlens), key, value)
-    return value
+def _touched(shards: PackedShards, rank: int) -> dict[tuple[int, int], int]:
+    """(sample, document start) -> the end of the furthest run of that document on `rank`."""
+    reach: dict[tuple[int, int], int] = {}
+    for b, s, _, e in shards.runs[rank]:
+        reach[b, s] = max(reach.get((b, s), 0), e)
+    return reach
 
 
-def _sample_starts(bounds: list[int], b: int, seq: int) -> list[int]:
-    """Document starts within sample b, relative to it (the sample start is always one)."""
-    return sorted({0} | {c - b * seq for c in bounds if b * seq < c < (b + 1) * seq})
+def _touched_tokens(shards: PackedShards, rank: int) -> Tensor:
+    seq = shards.seq_len
+    spans = [torch.arange(b * seq + s, b * seq + e) for (b, s), e in _touched(shards, rank).items()]
+    return torch.cat(spans)
 
 
-def _build_plan(
-    bounds: list[int], batch: int, shard_len: int, rank: int, cp: int, device: str
-) -> _ShardPlan:
-    seq = shard_len * cp
-    if bounds[0] != 0 or bounds[-1] != batch * seq:
-        raise ValueError(
-            f"cu_seqlens spans [{bounds[0]}, {bounds[-1]}) but the batch has {batch}x{seq} tokens"
-        )
-    lo, hi = rank * shard_len, (rank + 1) * shard_len
-    q_bounds, k_bounds, key_positions = [0], [0], []
-    for b in range(batch):
-        starts = _sample_starts(bounds, b, seq)
-        # Documents overlapping [lo, hi): the queries are the overlap, the keys run from the
-        # document start to the overlap's end, so the last query of a segment meets its last key.
-        docs = [(s, e) for s, e in zip(starts, starts[1:] + [seq]) if s < hi and e > lo]
-        for start, end in docs:
-            q_bounds.append(q_bounds[-1] + min(end, hi) - max(start, lo))
-            k_bounds.append(k_bounds[-1] + min(end, hi) - start)
-        pos = torch.arange(docs[0][0], hi)
-        # Token p of sample b sits on rank p // L at local row b*L + p % L.
-        rank_of, row_in_rank = pos // shard_len, b * shard_len + pos % shard_len
-        key_positions.append(rank_of * 2 * batch * shard_len + row_in_rank)
-    k_rows = torch.cat(key_positions)
-    v_rows = k_rows + batch * shard_len
-    q_len = [e - s for s, e in zip(q_bounds, q_bounds[1:])]
-    k_len = [e - s for s, e in zip(k_bounds, k_bounds[1:])]
-    segments = VarlenSegments(
-        cu_q=torch.tensor(q_bounds, dtype=torch.int32, device=device),
-        cu_k=torch.tensor(k_bounds, dtype=torch.int32, device=device),
-        max_q=max(q_len),
-        max_k=max(k_len),
-        q_bounds=tuple(q_bounds),
-        k_bounds=tuple(k_bounds),
+def _bucket(n: int, total: int) -> int:
+    """n rounded up to a multiple of total/16 (at least 64 rows)."""
+    step = max(64, -(-total // 16))
+    return -(-n // step) * step
+
+
+def _build_plan(shards: PackedShards, rank: int, device: torch.device) -> _GatherPlan:
+    seq, cp = shards.seq_len, shards.cp
+    tokens = shards.token_index[0].numel()  # B*L
+    owner, row = _owners(shards)
+    reach = _touched(shards, rank)
+
+    q_bounds, k_bounds, keys = [0], [0], []
+    primary_keys, primary_tokens, secondary_keys, secondary_tokens = [], [], [], []
+    for b, s, a, e in shards.runs[rank]:
+        first_key = k_bounds[-1]
+        q_bounds.append(q_bounds[-1] + e - a)
+        k_bounds.append(first_key + e - s)
+        span = torch.arange(b * seq + s, b * seq + e)
+        keys.append(span)
+        key_ids = torch.arange(first_key, first_key + e - s)
+        if reach.get((b, s)) == e:
+            del reach[b, s]  # one primary run per document
+            primary_keys.append(key_ids)
+            primary_tokens.append(span)
+        else:
+            secondary_keys.append(key_ids)
+            secondary_tokens.append(span)
+    key_tokens = torch.cat(keys)
+    n_keys = len(key_tokens)
+    n_padded = _bucket(n_keys, 2 * cp * tokens)
+    k_rows = torch.cat([owner[key_tokens] * 2 * tokens + row[key_tokens], torch.zeros(n_padded - n_keys, dtype=torch.int64)])
+
+    touched = torch.cat(primary_tokens)
+    order = torch.argsort(owner[touched] * tokens + row[touched])
+    slot_of_token = torch.empty(shards.batch * seq, dtype=torch.int64)
+    slot_of_token[touched[order]] = torch.arange(len(touched))
+    secondary = torch.cat(secondary_tokens) if secondary_tokens else torch.empty(0, dtype=torch.int64)
+
+    recv_rows = []
+    for source in range(cp):
+        theirs = touched if source == rank else _touched_tokens(shards, source)
+        recv_rows.append(torch.sort(row[theirs[owner[theirs] == rank]]).values.to(device))
+    return _GatherPlan(
+        segments=VarlenSegments.from_bounds(q_bounds, k_bounds, device),
+        kv_rows=torch.cat([k_rows, k_rows + tokens]).to(device),
+        n_keys=n_keys,
+        n_padded=n_padded,
+        send_keys=torch.cat(primary_keys)[order].to(device),
+        secondary_keys=(torch.cat(secondary_keys) if secondary_keys else secondary).to(device),
+        secondary_slots=slot_of_token[secondary].to(device),
+        send_counts=torch.bincount(owner[touched], minlength=cp).tolist(),
+        recv_rows=recv_rows,
     )
-    return _ShardPlan(segments, torch.cat([k_rows, v_rows]).to(device), len(k_rows))
 
 
 def _launch_gather(
-    k: Tensor, v: Tensor, heads: slice, group: Optional[dist.ProcessGroup]
-) -> tuple[Tensor, Optional[dist.Work]]:
-    """Start gathering one group of KV heads into a `[cp * 2, B*L, h, D]` buffer (rank-major,
+    k: Tensor, v: Tensor, heads: slice, group: dist.ProcessGroup
+) -> tuple[Tensor, dist.Work]:
+    """Start gathering one group of KV heads into a `[cp * 2 * B*L, h, D]` buffer (rank-major,
     K then V per rank); returns the buffer and the pending work."""
     local = torch.stack([k[:, heads], v[:, heads]])
-    if group is None:
-        return local, None
     gathered = local.new_empty((dist.get_world_size(group) * 2,) + tuple(local.shape[1:]))
-    return gathered, _all_gather(gathered, local, group=group, async_op=True)
+    work = _all_gather(gathered, local, group=group, async_op=True)
+    return gathered.view(-1, *local.shape[2:]), work
 
 
 def _gathered_kv(
-    k: Tensor, v: Tensor, plan: _ShardPlan, group: Optional[dist.ProcessGroup], stride: int
+    k: Tensor, v: Tensor, plan: _GatherPlan, group: dist.ProcessGroup, stride: int
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Yield (KV head slice, K rows, V rows) per head group, the next group's gather in flight."""
-    n_kv, head_dim = k.shape[1], k.shape[2]
-    groups = [slice(h, h + stride) for h in range(0, n_kv, stride)]
+    groups = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
     pending = _launch_gather(k, v, groups[0], group)
     for i, heads in enumerate(groups):
         gathered, work = pending
-        if work is not None:
-            work.wait()
+        work.wait()
         if i + 1 < len(groups):
             pending = _launch_gather(k, v, groups[i + 1], group)
-        rows = gathered.view(-1, stride, head_dim).index_select(0, plan.kv_rows)
-        yield heads, rows[: plan.n_keys], rows[plan.n_keys :]
+        rows = gathered.index_select(0, plan.kv_rows)
+        yield heads, rows[: plan.n_padded], rows[plan.n_padded :]
 
 
 def _query_heads(kv_heads: slice, n_rep: int) -> slice:
@@ -186,10 +270,10 @@ def _query_heads(kv_heads: slice, n_rep: int) -> slice:
 
 class _AllGatherKVAttention(torch.autograd.Function):
     """Forward: gather K/V per head group, varlen attention of the local queries. Backward:
-    re-gather, local dq, reduce-scatter fp32 dK/dV to their owners."""
+    re-gather, local dq, all-to-all of the fp32 key gradients to their owners."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, heads_k_stride, kernel):
+    def forward(ctx, q, k, v, plan: _GatherPlan, group, heads_k_stride: int, kernel: AttentionKernel):
         batch, shard_len, n_q, head_dim = q.shape
         n_kv = k.shape[2]
         scale = head_dim**-0.5
@@ -200,18 +284,15 @@ class _AllGatherKVAttention(torch.autograd.Function):
         lse = torch.empty(n_q, batch * shard_len, dtype=torch.float32, device=q.device)
         for heads, k_rows, v_rows in _gathered_kv(kf, vf, plan, group, heads_k_stride):
             qh = _query_heads(heads, n_q // n_kv)
-            out[:, qh], lse[qh] = varlen_forward(
-                qf[:, qh], k_rows, v_rows, plan.segments, scale, kernel
-            )
+            out[:, qh], lse[qh] = kernel.varlen_forward(qf[:, qh], k_rows, v_rows, plan.segments, scale)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.args = (plan, group, heads_k_stride, kernel, scale, q.shape)
-        ctx.k_shape = k.shape
+        ctx.args = (plan, group, heads_k_stride, kernel, scale, q.shape, k.shape)
         return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, dout):
         qf, kf, vf, out, lse = ctx.saved_tensors
-        plan, group, stride, kernel, scale, q_shape = ctx.args
+        plan, group, stride, kernel, scale, q_shape, k_shape = ctx.args
         n_q, n_kv = qf.shape[1], kf.shape[1]
         dout = dout.reshape(qf.shape)
         dq = torch.empty_like(qf)
@@ -220,77 +301,65 @@ class _AllGatherKVAttention(torch.autograd.Function):
         in_flight = None
         for heads, k_rows, v_rows in _gathered_kv(kf, vf, plan, group, stride):
             qh = _query_heads(heads, n_q // n_kv)
-            dq[:, qh], dk_rows, dv_rows = varlen_backward(
-                dout[:, qh], qf[:, qh], k_rows, v_rows, out[:, qh], lse[qh], plan.segments,
-                scale, kernel,
-            )  # fmt: skip
-            # One group's reduce-scatter overlaps the next group's compute; waiting for the
-            # previous one first keeps at most two fp32 gradient buffers alive.
-            pending = _launch_reduce(dk_rows, dv_rows, plan, heads, kf, group)
+            dq[:, qh], dk_rows, dv_rows = kernel.varlen_backward(
+                dout[:, qh], qf[:, qh], k_rows, v_rows, out[:, qh], lse[qh], plan.segments, scale
+            )
+            # One group's all-to-all overlaps the next group's compute; finishing the previous
+            # one first keeps at most two groups' gradient buffers alive.
+            pending = _launch_return(dk_rows, dv_rows, plan, heads, group)
             if in_flight is not None:
-                _finish_reduce(in_flight, dk, dv)
+                _finish_return(in_flight, plan, dk, dv)
             in_flight = pending
-        _finish_reduce(in_flight, dk, dv)
-        return dq.view(q_shape), dk.view(ctx.k_shape), dv.view(ctx.k_shape), None, None, None, None
+        _finish_return(in_flight, plan, dk, dv)
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None, None, None
 
 
-def _launch_reduce(
-    dk_rows: Tensor, dv_rows: Tensor, plan: _ShardPlan, heads: slice, kf: Tensor,
-    group: Optional[dist.ProcessGroup],
-) -> tuple[slice, Tensor, Optional[dist.Work]]:
-    """Sum one head group's dK/dV onto the ranks that own the tokens, in fp32.
-
-    The row gradients go back into the gathered layout `[cp, 2, B*L]` (zero where no local
-    query looked), so a reduce-scatter over the first dimension lands each rank's own rows.
-    """
-    cp = 1 if group is None else dist.get_world_size(group)
-    tokens = kf.shape[0]
-    full = torch.zeros(
-        (cp * 2 * tokens,) + tuple(dk_rows.shape[1:]), dtype=torch.float32, device=kf.device
-    )
-    full.index_copy_(0, plan.kv_rows, torch.cat([dk_rows, dv_rows]).float())
-    if group is None:
-        return heads, full, None
-    mine = full.new_empty((2 * tokens,) + tuple(full.shape[1:]))
-    return heads, mine, _reduce_scatter(mine, full, group=group, async_op=True)
+def _launch_return(
+    dk_rows: Tensor, dv_rows: Tensor, plan: _GatherPlan, heads: slice, group: dist.ProcessGroup
+) -> tuple[slice, Tensor, dist.Work]:
+    """Send one head group's key gradients, summed per touched key in fp32, to their owners."""
+    send = torch.stack([dk_rows.index_select(0, plan.send_keys), dv_rows.index_select(0, plan.send_keys)], 1).float()
+    if plan.secondary_keys.numel():
+        extra = torch.stack([dk_rows.index_select(0, plan.secondary_keys), dv_rows.index_select(0, plan.secondary_keys)], 1)
+        send.index_add_(0, plan.secondary_slots, extra.float())
+    recv_counts = [len(rows) for rows in plan.recv_rows]
+    received = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
+    work = dist.all_to_all_single(received, send, recv_counts, plan.send_counts, group=group, async_op=True)
+    return heads, received, work
 
 
-def _finish_reduce(
-    in_flight: tuple[slice, Tensor, Optional[dist.Work]], dk: Tensor, dv: Tensor
-) -> None:
-    """Wait for one head group's reduce-scatter and store its rows in q/k's dtype."""
-    heads, mine, work = in_flight
-    if work is not None:
-        work.wait()
-    tokens = dk.shape[0]
-    dk[:, heads] = mine[:tokens].to(dk.dtype)
-    dv[:, heads] = mine[tokens:].to(dv.dtype)
+def _finish_return(in_flight: tuple[slice, Tensor, dist.Work], plan: _GatherPlan, dk: Tensor, dv: Tensor) -> None:
+    """Wait for one head group's all-to-all, add up every sender's part in fp32, store the rows."""
+    heads, received, work = in_flight
+    work.wait()
+    total = received.new_zeros((dk.shape[0],) + tuple(received.shape[1:]))
+    start = 0
+    for rows in plan.recv_rows:  # rows are distinct within one sender
+        total.index_add_(0, rows, received[start : start + len(rows)])
+        start += len(rows)
+    dk[:, heads] = total[:, 0].to(dk.dtype)
+    dv[:, heads] = total[:, 1].to(dv.dtype)
 
 
 # --- kernel 'flash_attn' with cp > 1: ring-flash-attn's own all-gather attention ---------------
 
 
 def _ring_flash_attn_llama3(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    group: dist.ProcessGroup,
-    heads_k_stride: int,
+    q: Tensor, k: Tensor, v: Tensor, shards: PackedShards, group: dist.ProcessGroup, heads_k_stride: int
 ) -> Tensor:
     """ring-flash-attn's `llama3_flash_attn_varlen_func`, one sample at a time.
 
-    It shards one flat token stream contiguously over the ranks, while titan_cp shards every
-    sample; per sample the two layouts agree, so each sample is one call with that sample's
-    global boundaries (what `llama3_flash_attn_prepare_cu_seqlens` wants).
+    It shards one flat token stream contiguously over the ranks (ContextParallel picks the
+    contiguous packed layout for it), so each sample is one call with that sample's document
+    boundaries (what `llama3_flash_attn_prepare_cu_seqlens` wants).
     """
+    if shards.layout != "contiguous":
+        raise ValueError("ring-flash-attn's llama3 attention needs the contiguous packed layout")
     llama3 = ring_flash_attn_module("llama3_flash_attn_varlen")
-    batch, shard_len = q.shape[:2]
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    seq = shard_len * cp
-    per_sample = _cached(cu_seqlens, ("samples", batch, seq), _per_sample_bounds)
+    per_sample = _cached(shards, ("samples",), lambda: _per_sample_bounds(shards))
     outs = []
-    for b in range(batch):
+    for b in range(q.shape[0]):
         cu_q, cu_k, max_q, max_k, k_slice = llama3.llama3_flash_attn_prepare_cu_seqlens(
             per_sample[b].to(q.device), causal=True, rank=rank, world_size=cp
         )
@@ -303,9 +372,10 @@ def _ring_flash_attn_llama3(
     return torch.stack(outs)
 
 
-def _per_sample_bounds(bounds: list[int], batch: int, seq: int) -> list[Tensor]:
+def _per_sample_bounds(shards: PackedShards) -> list[Tensor]:
     """Each sample's document boundaries, relative to the sample, ending with seq."""
-    return [
-        torch.tensor(_sample_starts(bounds, b, seq) + [seq], dtype=torch.int32)
-        for b in range(batch)
-    ]
+    starts: list[set[int]] = [set() for _ in range(shards.batch)]
+    for runs in shards.runs:
+        for b, s, _, _ in runs:
+            starts[b].add(s)
+    return [torch.tensor(sorted(s) + [shards.seq_len], dtype=torch.int32) for s in starts]

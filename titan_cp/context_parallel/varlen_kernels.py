@@ -1,15 +1,15 @@
-"""Varlen (packed-document) attention kernels that return the log-sum-exp.
+"""Varlen (packed-document) attention implementations that return the log-sum-exp.
 
-The all-gather K/V attention (`varlen_attention.py`) runs each rank's local queries against the
-K/V prefix they need, one call per group of KV heads. Queries and keys are packed token-major,
-`[tokens, heads, head_dim]`, and cut into segments by `cu_q` / `cu_k`: query segment i attends to
-key segment i only. A query segment may be shorter than its key segment (the local queries are
-the *last* tokens of a document's span up to the end of the local shard), so the causal mask is
-aligned bottom-right: query j of a segment with nq queries and nk keys sees keys 0..j + nk - nq.
-That is exactly FA2's varlen `causal=True` convention, and the CPU path reproduces it.
+Queries and keys are packed token-major, `[tokens, heads, head_dim]`, and cut into segments by
+`cu_q` / `cu_k`: query segment i attends to key segment i only. A query segment may be shorter
+than its key segment (under cp the local queries of a document are the *last* tokens of the
+document's span up to them), so the causal mask is aligned bottom-right: query j of a segment
+with nq queries and nk keys sees keys 0..j + nk - nq. That is FA2's varlen `causal=True`
+convention; the CPU path reproduces it and the cuDNN path (cudnn_varlen.py) asks for it.
 
 The LSE is returned `[heads_q, tokens_q]` in fp32 (FA2's varlen layout) and handed back to the
-backward, which then needs no forward recompute beyond the scores.
+backward, which then needs no forward recompute beyond the scores. Which implementation runs for
+a `model.attn_implementation` is decided in one place, the kernel registry in kernels.py.
 """
 
 from dataclasses import dataclass
@@ -17,26 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from titan_cp.context_parallel.kernels import _call_flash_attn, import_flash_attn_interface
-
-# Kernel names come from `kernels.resolve_attn_implementation`. cuDNN has a varlen entry point in
-# aten, but torch's own `varlen_attn` routes every varlen call to FA2, and the bottom-right causal
-# alignment we rely on is FA2's documented behaviour; so 'cudnn' uses the FA2 varlen kernel here.
-_FLASH_KERNELS = ("flash", "cudnn")
-_CPU_KERNELS = ("sdpa_cpu",)
-# The flash-attn package's own FA2 varlen functions; used at cp = 1 only (with cp > 1 the whole
-# all-gather attention is ring-flash-attn's, see varlen_attention.py).
-_PACKAGE_KERNELS = ("flash_attn",)
-_ALL_KERNELS = _FLASH_KERNELS + _CPU_KERNELS + _PACKAGE_KERNELS
+from titan_cp.context_parallel.flash_attn_package import call_flash_attn, import_flash_attn_interface
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VarlenSegments:
     """Where the segments of the packed queries and keys start and end.
 
-    `cu_q` / `cu_k` are int32 tensors on the compute device (what FA2 reads); `q_bounds` /
-    `k_bounds` are the same numbers as Python ints (what the CPU path loops over, so it needs no
-    device-to-host copy per call).
+    `cu_q` / `cu_k` are int32 tensors on the compute device (what the CUDA kernels read);
+    `q_bounds` / `k_bounds` are the same numbers as Python ints (what the CPU path loops over and
+    the cuDNN path sizes its padded LSE from, with no device-to-host copy per call). Compared and
+    hashed by identity: kernels may remember per-segments preparations (cudnn_varlen.py).
     """
 
     cu_q: Tensor
@@ -46,46 +37,23 @@ class VarlenSegments:
     q_bounds: tuple[int, ...]
     k_bounds: tuple[int, ...]
 
+    @classmethod
+    def from_bounds(cls, q_bounds: list[int], k_bounds: list[int], device) -> "VarlenSegments":
+        q_len = [e - s for s, e in zip(q_bounds, q_bounds[1:])]
+        k_len = [e - s for s, e in zip(k_bounds, k_bounds[1:])]
+        return cls(
+            cu_q=torch.tensor(q_bounds, dtype=torch.int32, device=device),
+            cu_k=torch.tensor(k_bounds, dtype=torch.int32, device=device),
+            max_q=max(q_len, default=0),
+            max_k=max(k_len, default=0),
+            q_bounds=tuple(q_bounds),
+            k_bounds=tuple(k_bounds),
+        )
 
-def varlen_forward(
-    q: Tensor, k: Tensor, v: Tensor, segments: VarlenSegments, scale: float, kernel: str
-) -> tuple[Tensor, Tensor]:
-    """Causal (bottom-right) attention per segment: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]`.
-
-    Returns out `[Tq, Hq, D]` in q's dtype and lse `[Hq, Tq]` fp32. Hq must be a multiple of Hkv;
-    query head h uses KV head h // (Hq / Hkv).
-    """
-    if kernel in _FLASH_KERNELS:
-        return _flash_forward(q, k, v, segments, scale)
-    if kernel in _CPU_KERNELS:
-        return _math_forward(q, k, v, segments, scale)
-    if kernel in _PACKAGE_KERNELS:
-        return _package_forward(q, k, v, segments, scale)
-    raise ValueError(f"varlen kernel {kernel!r} is not one of {_ALL_KERNELS}")
-
-
-def varlen_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    segments: VarlenSegments,
-    scale: float,
-    kernel: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of `varlen_forward`, from its saved out and lse.
-
-    dk/dv have Hkv heads: the query heads sharing a KV head are summed.
-    """
-    if kernel in _FLASH_KERNELS:
-        return _flash_backward(dout, q, k, v, out, lse, segments, scale)
-    if kernel in _CPU_KERNELS:
-        return _math_backward(dout, q, k, v, out, lse, segments, scale)
-    if kernel in _PACKAGE_KERNELS:
-        return _package_backward(dout, q, k, v, out, lse, segments, scale)
-    raise ValueError(f"varlen kernel {kernel!r} is not one of {_ALL_KERNELS}")
+    @property
+    def square(self) -> bool:
+        """Every segment has as many queries as keys (top-left and bottom-right causal agree)."""
+        return self.q_bounds == self.k_bounds
 
 
 # --- CUDA: FA2 varlen -------------------------------------------------------------------------
@@ -97,7 +65,7 @@ def varlen_backward(
 # with the same arguments it passes. tests/test_varlen_attention.py pins their schemas.
 
 
-def _flash_forward(
+def flash_varlen_forward(
     q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float
 ) -> tuple[Tensor, Tensor]:
     out, lse, _rng, _unused, _mask = torch.ops.aten._flash_attention_forward(
@@ -116,7 +84,7 @@ def _flash_forward(
     return out, lse
 
 
-def _flash_backward(
+def flash_varlen_backward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -152,11 +120,11 @@ def _flash_backward(
 # --- the flash-attn package's FA2 varlen functions (optional extra) ---------------------------
 
 
-def _package_forward(
+def package_varlen_forward(
     q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float
 ) -> tuple[Tensor, Tensor]:
     interface = import_flash_attn_interface()
-    outputs = _call_flash_attn(
+    outputs = call_flash_attn(
         interface._flash_attn_varlen_forward, q=q.contiguous(), k=k.contiguous(),
         v=v.contiguous(), cu_seqlens_q=seg.cu_q, cu_seqlens_k=seg.cu_k, max_seqlen_q=seg.max_q,
         max_seqlen_k=seg.max_k, dropout_p=0.0, softmax_scale=scale, causal=True,
@@ -166,7 +134,7 @@ def _package_forward(
     return outputs[0], outputs[1] if len(outputs) == 4 else outputs[5]
 
 
-def _package_backward(
+def package_varlen_backward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -179,7 +147,7 @@ def _package_backward(
     interface = import_flash_attn_interface()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _call_flash_attn(
+    call_flash_attn(
         interface._flash_attn_varlen_backward, dout=dout.contiguous(), q=q, k=k, v=v,
         out=out.contiguous(), softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
         cu_seqlens_q=seg.cu_q, cu_seqlens_k=seg.cu_k, max_seqlen_q=seg.max_q,
@@ -220,7 +188,7 @@ def _scores(qg: Tensor, kg: Tensor, scale: float) -> Tensor:
     return s.masked_fill(kj > qi + (nk - nq), float("-inf"))
 
 
-def _math_forward(
+def math_varlen_forward(
     q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float
 ) -> tuple[Tensor, Tensor]:
     n_kv = k.shape[1]
@@ -238,7 +206,7 @@ def _math_forward(
     return out, lse
 
 
-def _math_backward(
+def math_varlen_backward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,

@@ -1,8 +1,10 @@
 """Apply activation checkpointing, compile and FSDP2 to a Llama built on the meta device.
 
-The order is fixed (torchtitan's): activation checkpointing, then compile, then FSDP, each per
-transformer block. Context parallelism needs no module rewrite here: the model was handed the
-context-parallel attention entry point when it was built.
+The order is fixed (torchtitan's): activation checkpointing (with the feed-forward's sequence
+tiling), activation offload, then compile, then FSDP, each per transformer block. Offload wraps
+outside checkpointing so that the checkpoint's saved inputs pass through its hooks. Context
+parallelism needs no module rewrite here: the model was handed the context-parallel attention
+entry point when it was built.
 """
 
 from functools import wraps
@@ -10,11 +12,13 @@ from functools import wraps
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from titan_cp.parallel.activation_offload import apply_activation_offload
 from titan_cp.parallel.parallel_dims import ParallelDims
 from titan_cp.parallel.save_attention import checkpoint_except_attention
+from titan_cp.parallel.sequence_tiling import tile_over_sequence
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -38,27 +42,33 @@ def checkpoint_module(module: nn.Module, checkpoint_fn=_checkpoint) -> None:
     module.forward = forward
 
 
-def checkpoint_block(block: nn.Module, mode: str) -> None:
+def checkpoint_block(block: nn.Module, mode: str, recompute_feed_forward: bool = True) -> None:
     """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward;
     `full_except_attention` recomputes the whole block but the attention kernel (save_attention.py).
 
     Selective keeps what attention saves (q, k, v, its output and LSE), so backward never
     repeats the attention kernel or its context-parallel communication, the costliest part of
     a long-context block, and recomputes the cheap RMSNorms (whose fp32 copies are large) and
-    the SwiGLU, whose activations are the largest per token.
+    the SwiGLU, whose activations are the largest per token. `recompute_feed_forward=False`
+    leaves the feed-forward alone when it already recomputes itself chunk by chunk (tiled).
     """
     if mode == "full":
         checkpoint_module(block)
     elif mode == "full_except_attention":
         checkpoint_module(block, checkpoint_except_attention)
     elif mode == "selective":
-        for module in (block.attention_norm, block.ffn_norm, block.feed_forward):
+        modules = [block.attention_norm, block.ffn_norm]
+        if recompute_feed_forward:
+            modules.append(block.feed_forward)
+        for module in modules:
             checkpoint_module(module)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+def apply_activation_checkpointing(model: nn.Module, mode: str, mlp_chunk_size: int = 0) -> None:
     for block in model.layers.values():
-        checkpoint_block(block, mode)
+        if mlp_chunk_size > 0:
+            tile_over_sequence(block.feed_forward, mlp_chunk_size)
+        checkpoint_block(block, mode, recompute_feed_forward=mlp_chunk_size == 0)
 
 
 def compile_enabled(enable: bool | str, device: torch.device) -> bool:
@@ -99,14 +109,20 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     reshard_after_forward: str,
     prefetch: int = 0,
+    cpu_offload: bool = False,
 ) -> None:
     """Shard each block and the root over `mesh` (1-D: FSDP; 2-D: HSDP replicate x shard).
 
     Gradients are summed, not averaged: the loss is already
     divided by the global token count (invariant 4 in docs/architecture.md), so gradients equal cp=1's.
-    `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`).
+    `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`). `cpu_offload`
+    (training.enable_cpu_offload) keeps the sharded parameters, their gradients and so the
+    optimizer state in host memory; FSDP2 copies each unit's shards to the device for its
+    all-gather and the reduced gradients back. The parameters must be on the CPU when sharded.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Pinned host memory makes the copies asynchronous; it needs CUDA.
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         if reshard_after_forward == "default":
@@ -114,8 +130,14 @@ def apply_fsdp(
             reshard = index < len(blocks) - 1
         else:
             reshard = reshard_after_forward == "always"
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward == "always")
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard, offload_policy=offload_policy)
+    fully_shard(
+        model,
+        mesh=mesh,
+        mp_policy=mp_policy,
+        reshard_after_forward=reshard_after_forward == "always",
+        offload_policy=offload_policy,
+    )
     # The root is left out: before the first block it computes only the embedding lookup, so there
     # is no compute for an early all-gather of the first blocks to hide behind.
     set_prefetch(blocks, prefetch)
@@ -136,10 +158,12 @@ def parallelize_llama(
     activation_checkpoint,
     compile,
 ) -> None:
-    apply_activation_checkpointing(model, activation_checkpoint.mode)
+    apply_activation_checkpointing(model, activation_checkpoint.mode, training.mlp_chunk_size)
+    if activation_checkpoint.offload:
+        apply_activation_offload(list(model.layers.values()), device)
     if compile_enabled(compile.enable, device):
         apply_compile(model)
-    if parallel_dims.uses_fsdp or device.type == "cuda":
+    if parallel_dims.uses_fsdp or device.type == "cuda" or training.enable_cpu_offload:
         # CPU runs stay fp32 (no fast bf16 kernels there); on GPU FSDP also applies the
         # mixed-precision policy, also on a single GPU.
         on_gpu = device.type == "cuda"
@@ -150,4 +174,5 @@ def parallelize_llama(
             reduce_dtype=DTYPES[training.mixed_precision_reduce] if on_gpu else torch.float32,
             reshard_after_forward=parallelism.fsdp_reshard_after_forward,
             prefetch=parallelism.fsdp_prefetch,
+            cpu_offload=training.enable_cpu_offload,
         )
