@@ -135,7 +135,7 @@ def test_resolve_flash_attn_without_the_package(monkeypatch):
     # A None entry in sys.modules makes the import fail, whether or not flash_attn is installed.
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", None)
-    with pytest.raises(UserError, match=r"pip install titan_cp\[flash\]") as info:
+    with pytest.raises(UserError, match=r"pip install -e '\.\[flash\]'") as info:
         resolve_attn_implementation("flash_attn", torch.device("cpu"))
     assert "\n" not in str(info.value)
 

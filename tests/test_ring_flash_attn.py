@@ -67,7 +67,7 @@ def _forget_loaded_modules(monkeypatch) -> None:
 def test_missing_ring_flash_attn_is_one_line(monkeypatch):
     _forget_loaded_modules(monkeypatch)
     monkeypatch.setattr(adapter, "_PACKAGE", "no_such_ring_flash_attn_package")
-    with pytest.raises(UserError, match=r"needs the ring-flash-attn package: pip install titan_cp\[flash\]"):
+    with pytest.raises(UserError, match=r"needs the ring-flash-attn package: pip install -e '\.\[flash\]'"):
         adapter.ring_flash_attn_module("zigzag_ring_flash_attn")
 
 
@@ -75,5 +75,5 @@ def test_missing_flash_attn_is_one_line(monkeypatch):
     _forget_loaded_modules(monkeypatch)
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", None)
-    with pytest.raises(UserError, match=r"needs the flash-attn package: pip install titan_cp\[flash\]"):
+    with pytest.raises(UserError, match=r"needs the flash-attn package: pip install -e '\.\[flash\]'"):
         adapter.ring_flash_attn_module("zigzag_ring_flash_attn")

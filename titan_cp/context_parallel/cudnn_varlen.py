@@ -2,7 +2,7 @@
 
 PyTorch has no cuDNN varlen attention with a backward that takes a saved LSE (its own varlen API
 runs FA2), and cuDNN is 1.6x faster than FA2 on Hopper for packed documents (docs/performance.md).
-nvidia-cudnn-frontend (1.32+, `pip install titan_cp[cudnn]`) registers two torch custom ops when
+nvidia-cudnn-frontend (1.32+, the optional `cudnn` extra) registers two torch custom ops when
 its `cudnn.sdpa_torch` attribute is first read; we call them and nothing else of the package:
 
 - `torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal, causal_bottom_right, cu_seqlens_q=...,
@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from titan_cp.context_parallel.varlen_kernels import VarlenSegments
+from titan_cp.extras import install_hint
 
-CUDNN_INSTALL_HINT = "pip install titan_cp[cudnn]"
+CUDNN_INSTALL_HINT = install_hint("cudnn")
 # Padded-LSE rows allowed per query token (and at least this many rows) before FA2 is used.
 _PADDED_ROWS_PER_TOKEN = 16
 _PADDED_ROWS_MIN = 1 << 20

@@ -1,4 +1,4 @@
-"""The flash-attn package (optional extra `titan_cp[flash]`): importing it and calling its private
+"""The flash-attn package (the optional `flash` extra): importing it and calling its private
 FA2 functions whatever release is installed. Used by the dense and the varlen kernels alike."""
 
 import importlib
@@ -6,8 +6,9 @@ import inspect
 from typing import Callable
 
 from titan_cp.errors import UserError
+from titan_cp.extras import install_hint
 
-FLASH_INSTALL_HINT = "pip install titan_cp[flash]"
+FLASH_INSTALL_HINT = install_hint("flash")
 
 
 def import_flash_attn_interface():

@@ -1,4 +1,4 @@
-"""The ring-flash-attn package (optional extra `titan_cp[flash]`) behind titan_cp's attention API.
+"""The ring-flash-attn package (the optional `flash` extra) behind titan_cp's attention API.
 
 ring-flash-attn 0.1.8 is pure Python over flash-attn's private FA2 functions. Two of its quirks
 shape this file:

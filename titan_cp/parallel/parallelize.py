@@ -91,8 +91,8 @@ def set_prefetch(blocks: list[FSDPModule], depth: int) -> None:
     enough while the CPU runs ahead of the GPU) and prefetches one block in backward. Gathering
     further ahead hides the all-gathers when a block's compute is shorter than its all-gather, at
     the cost of up to `depth` + 1 gathered blocks at once. `depth` 0 keeps FSDP2's own behaviour.
-    Both setters are public since torch 2.4 (pytorch#128884) and act the same on 1-D (FSDP) and
-    2-D (HSDP) meshes.
+    Both setters are public since torch 2.6 (FSDPModule's public home; tests/test_torch_floor.py)
+    and act the same on 1-D (FSDP) and 2-D (HSDP) meshes.
     """
     if depth == 0:
         return
