@@ -82,7 +82,8 @@ def _write_status(status: Path, text: str) -> None:
     for old in status.parent.glob(f"{_STATUS_PREFIX}*"):
         if time.time() - old.stat().st_mtime > _STALE_STATUS_SECONDS:
             old.unlink(missing_ok=True)
-    tmp = status.with_name(status.name + ".tmp")
+    # Per process: two local leaders on one host (two launches acting as nodes) write the same status.
+    tmp = status.with_name(f"{status.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(status)
 
