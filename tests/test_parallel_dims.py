@@ -10,8 +10,8 @@ from titan_cp.parallel import ParallelDims, set_collective_timeout
 from tests.dist_utils import run_distributed
 
 
-def dims(world: int, **kw) -> ParallelDims:
-    return ParallelDims.from_config(Parallelism(**kw), world)
+def dims(world: int, processes_per_node: int | None = None, **kw) -> ParallelDims:
+    return ParallelDims.from_config(Parallelism(**kw), world, processes_per_node)
 
 
 def test_shard_degree_fills_the_world():
@@ -41,9 +41,9 @@ def _meshes(rank: int, world_size: int) -> dict:
     hsdp_cp = dims(world_size, data_parallel_replicate_degree=2, context_parallel_degree=2).build_meshes("cpu")
     return {
         "cp": dist.get_process_group_ranks(fsdp_cp.cp.get_group()),
-        "fsdp": dist.get_process_group_ranks(fsdp_cp.fsdp.get_group("dp_shard_cp")),
-        "hsdp_shard": dist.get_process_group_ranks(hsdp_cp.fsdp.get_group("dp_shard_cp")),
-        "hsdp_replicate": dist.get_process_group_ranks(hsdp_cp.fsdp.get_group("dp_replicate")),
+        "fsdp": dist.get_process_group_ranks(fsdp_cp.fsdp.get_group("shard")),
+        "hsdp_shard": dist.get_process_group_ranks(hsdp_cp.fsdp.get_group("shard")),
+        "hsdp_replicate": dist.get_process_group_ranks(hsdp_cp.fsdp.get_group("replicate")),
     }
 
 
@@ -52,6 +52,52 @@ def test_meshes_group_the_right_ranks():
     assert [r["cp"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert results[0]["fsdp"] == [0, 1, 2, 3]
     assert results[2]["hsdp_shard"] == [2, 3] and results[2]["hsdp_replicate"] == [0, 2]
+
+
+def test_fsdp_shards_within_a_node_when_its_group_spans_nodes():
+    # 2 nodes of 8, cp 16: one node's 8 ranks hold the shards, the 2 nodes replicate them.
+    spanning = dims(16, processes_per_node=8, context_parallel_degree=16)
+    assert (spanning.fsdp_shard, spanning.fsdp_replicate) == (8, 2)
+    across = dims(16, processes_per_node=8, context_parallel_degree=16, fsdp_shard_within_node=False)
+    assert (across.fsdp_shard, across.fsdp_replicate) == (16, 1)
+    # A group inside a node is left as it was (the other ranks replicate, as before).
+    for replicate, shard in ((2, 2), (4, 1)):
+        inside = dims(16, processes_per_node=8, data_parallel_replicate_degree=replicate,
+                      data_parallel_shard_degree=shard, context_parallel_degree=4)  # fmt: skip
+        assert (inside.fsdp_shard, inside.fsdp_replicate) == (shard * 4, replicate)
+
+
+def test_a_shard_group_that_cannot_follow_the_nodes_is_refused_in_one_line():
+    # 12 ranks of dp_shard x cp on nodes of 8: neither divides the other.
+    with pytest.raises(UserError) as info:
+        dims(24, processes_per_node=8, data_parallel_replicate_degree=2, context_parallel_degree=12)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in ("parallelism.fsdp_shard_within_node", "dp_shard x cp = 12", "nodes of 8", "false"):
+        assert word in message
+
+
+def _fsdp_groups(rank: int, world_size: int, processes_per_node: int, within_node: bool) -> dict:
+    parallelism = Parallelism(context_parallel_degree=4, fsdp_shard_within_node=within_node)
+    meshes = ParallelDims.from_config(parallelism, world_size, processes_per_node).build_meshes("cpu")
+    groups = {name: dist.get_process_group_ranks(meshes.fsdp.get_group(name)) for name in meshes.fsdp.mesh_dim_names}
+    return {"mesh": meshes.fsdp.mesh.tolist(), "cp": dist.get_process_group_ranks(meshes.cp.get_group()), **groups}
+
+
+def test_fsdp_mesh_shards_over_the_node_and_replicates_across_nodes():
+    # 4 processes as 2 nodes of 2, cp 4 spanning both.
+    results = run_distributed(_fsdp_groups, 4, 2, True)
+    assert results[0]["mesh"] == [[0, 1], [2, 3]]
+    assert [r["shard"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["replicate"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert all(r["cp"] == [0, 1, 2, 3] for r in results)
+
+
+@pytest.mark.parametrize("processes_per_node, within_node", [(4, True), (2, False)])
+def test_fsdp_mesh_is_the_whole_group_on_one_node_or_when_switched_off(processes_per_node, within_node):
+    results = run_distributed(_fsdp_groups, 4, processes_per_node, within_node)
+    assert results[0]["mesh"] == [0, 1, 2, 3]
+    assert all(set(r) == {"mesh", "cp", "shard"} and r["shard"] == [0, 1, 2, 3] for r in results)
 
 
 def _collective_with_a_silent_peer(rank: int, world_size: int) -> float:

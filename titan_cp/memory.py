@@ -258,7 +258,7 @@ def estimate_memory(
     model_args,
     seq_len: int,
     local_batch_size: int,
-    dp_shard_cp: int,
+    fsdp_shard: int,
     cp: int,
     ac_mode: str,
     param_dtype_bytes: int,
@@ -273,7 +273,7 @@ def estimate_memory(
     """Estimate the peak memory of one rank for a training step (docs/memory.md derives it).
 
     `seq_len` is the full sequence length (each rank holds seq_len/cp tokens of it),
-    `dp_shard_cp` the number of ranks FSDP shards over, `param_dtype_bytes` the compute dtype's
+    `fsdp_shard` the number of ranks FSDP shards each parameter over (ParallelDims.fsdp_shard), `param_dtype_bytes` the compute dtype's
     size (2 for bf16, 4 for fp32: also the activations' dtype), `loss_chunk_size` the tokens per
     logits chunk (0 = all local tokens at once), `reshard_after_forward` the value of
     parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward),
@@ -283,7 +283,7 @@ def estimate_memory(
     """
     counts = count_params(model_args)
     local_tokens = local_batch_size * seq_len // cp
-    sharded = counts.total / dp_shard_cp
+    sharded = counts.total / fsdp_shard
     act = param_dtype_bytes
     # AdamW's two moments exist from the first optimizer step on, so from the second step's
     # backward every field below is alive at once.
@@ -299,14 +299,14 @@ def estimate_memory(
     # N blocks, and in backward one block's unsharded gradient and its fp32 reduce-scatter
     # input exist too. Without sharding and without a cast, parameters are used in place. With
     # CPU offload each unit's fp32 shards are also copied to the device before the all-gather.
-    if dp_shard_cp > 1 or param_dtype_bytes != FP32 or cpu_offload:
+    if fsdp_shard > 1 or param_dtype_bytes != FP32 or cpu_offload:
         root = counts.embedding + counts.output + counts.final_norm
         blocks_gathered = max(2, fsdp_prefetch + 1)
         gathered = 2 * root * act + blocks_gathered * counts.per_block * act + counts.per_block * (act + FP32)
         if reshard_after_forward == "never":
             gathered += counts.n_layers * counts.per_block * act
         if cpu_offload:
-            gathered += (root + blocks_gathered * counts.per_block) * FP32 / dp_shard_cp
+            gathered += (root + blocks_gathered * counts.per_block) * FP32 / fsdp_shard
     else:
         gathered = 0
 
@@ -396,19 +396,23 @@ def needed_bytes(estimate: MemoryEstimate, overhead: int) -> float:
     return estimate.total * (1 + SAFETY_FRACTION) + overhead
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1) -> None:
+def check_fits(
+    estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1, first_lever: str = ""
+) -> None:
     """Raise UserError when the estimate plus the safety margin exceeds what the device has, or
     what the run keeps in host memory exceeds the RAM available.
 
     On CPU all local ranks share the machine's RAM: pass their number as `ranks_sharing_device`;
-    there the host part adds to the device part.
+    there the host part adds to the device part. `first_lever` names a lever this run has beyond
+    LEVERS, put first in the refusal.
     """
     capacity, overhead, where = device_capacity(device, ranks_sharing_device)
     needed = needed_bytes(estimate, overhead) + (estimate.host if device.type == "cpu" else 0)
     if needed > capacity:
+        levers = f"{first_lever}, {LEVERS}" if first_lever else LEVERS
         raise UserError(
             f"the run does not fit: {estimate.format()}; with the safety margin it needs "
-            f"{needed / GIB:.1f} GiB but {where}; {LEVERS} would help"
+            f"{needed / GIB:.1f} GiB but {where}; {levers} would help"
         )
     if device.type == "cuda" and estimate.host:
         # On a GPU machine every local rank is a GPU: they all share the host's RAM.
@@ -422,7 +426,7 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, ranks_sharing_dev
             )
 
 
-def estimate_for_config(model_args, cfg, dp_shard_cp: int, cp: int, on_gpu: bool, seq_len: int | None = None) -> MemoryEstimate:
+def estimate_for_config(model_args, cfg, fsdp_shard: int, cp: int, on_gpu: bool, seq_len: int | None = None) -> MemoryEstimate:
     """`estimate_memory` for a JobConfig's training, parallelism, activation checkpointing and
     compile sections; `seq_len` overrides training.seq_len (the --help-memory search)."""
     training = cfg.training
@@ -430,7 +434,7 @@ def estimate_for_config(model_args, cfg, dp_shard_cp: int, cp: int, on_gpu: bool
         model_args,
         seq_len=training.seq_len if seq_len is None else seq_len,
         local_batch_size=training.local_batch_size,
-        dp_shard_cp=dp_shard_cp,
+        fsdp_shard=fsdp_shard,
         cp=cp,
         ac_mode=cfg.activation_checkpoint.mode,
         # CPU runs always compute in fp32.

@@ -2,7 +2,9 @@
 
 Runs the memory estimate (titan_cp.memory) for the config at growing `training.seq_len`, without
 building the model or touching a GPU, so it works on a laptop. The GPU's memory is the GPU's
-own when one is visible, else `--device-memory-gib N`, else an H200's 139.8 GiB.
+own when one is visible, else `--device-memory-gib N`, else an H200's 139.8 GiB. FSDP's shard
+degree follows parallelism.fsdp_shard_within_node on nodes of NGPU processes (run_train.sh's
+processes per node), else of the GPUs visible, else of 8 (an H200 node).
 """
 
 import copy
@@ -16,8 +18,10 @@ from titan_cp.config import load_config
 from titan_cp.errors import UserError
 from titan_cp.memory import FIXED_OVERHEAD_CUDA, GIB, MemoryEstimate, estimate_for_config, needed_bytes
 from titan_cp.models.llama3 import llama3_flavors
+from titan_cp.parallel.parallel_dims import node_local_shard
 
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200 (141 GB)
+H200_NODE_GPUS = 8
 LARGEST_SEQ_LEN = 1 << 27
 
 
@@ -34,6 +38,8 @@ def _levers(cfg) -> list[tuple[str, object]]:
         levers.append(("training.loss_chunk_size", 1024))
     if not cfg.training.enable_cpu_offload:
         levers.append(("training.enable_cpu_offload", True))
+    if _fsdp_shard(cfg) < _fsdp_group(cfg):
+        levers.append(("parallelism.fsdp_shard_within_node", False))
     levers.append(("parallelism.context_parallel_degree", 2 * cfg.parallelism.context_parallel_degree))
     return levers
 
@@ -45,10 +51,27 @@ def _with(cfg, key: str, value):
     return changed
 
 
+def _fsdp_group(cfg) -> int:
+    """dp_shard x cp, with dp_shard -1 (the rest of a world the report does not know) taken as 1."""
+    return max(1, cfg.parallelism.data_parallel_shard_degree) * cfg.parallelism.context_parallel_degree
+
+
+def _processes_per_node() -> int:
+    if os.environ.get("NGPU"):
+        return int(os.environ["NGPU"])
+    return torch.cuda.device_count() or H200_NODE_GPUS
+
+
+def _fsdp_shard(cfg) -> int:
+    """The ranks FSDP shards over, as ParallelDims.from_config decides them."""
+    if cfg.parallelism.fsdp_shard_within_node:
+        return node_local_shard(_fsdp_group(cfg), _processes_per_node())
+    return _fsdp_group(cfg)
+
+
 def _estimate(model_args, cfg, seq_len: int) -> MemoryEstimate:
     cp = cfg.parallelism.context_parallel_degree
-    shard = max(1, cfg.parallelism.data_parallel_shard_degree)
-    return estimate_for_config(model_args, cfg, dp_shard_cp=shard * cp, cp=cp, on_gpu=True, seq_len=seq_len)
+    return estimate_for_config(model_args, cfg, fsdp_shard=_fsdp_shard(cfg), cp=cp, on_gpu=True, seq_len=seq_len)
 
 
 def longest_seq_len(model_args, cfg, capacity: int) -> int:
@@ -105,7 +128,10 @@ def report(argv: list[str]) -> str:
     else:
         raise UserError(f"model.flavor '{cfg.model.flavor}' is not known; valid: {', '.join(llama3_flavors)}")
     cp = cfg.parallelism.context_parallel_degree
-    lines = [f"memory per GPU: {where}; model {cfg.model.flavor}, cp {cp}, local batch {cfg.training.local_batch_size}"]
+    lines = [
+        f"memory per GPU: {where}; model {cfg.model.flavor}, cp {cp}, local batch {cfg.training.local_batch_size},"
+        f" FSDP shards over {_fsdp_shard(cfg)} GPUs"
+    ]
 
     current = longest_seq_len(model_args, cfg, capacity)
     estimate = _estimate(model_args, cfg, cfg.training.seq_len)

@@ -184,7 +184,7 @@ class Trainer:
         estimate = estimate_for_config(
             self.model_args,
             cfg,
-            dp_shard_cp=self.dims.dp_shard * self.dims.cp,
+            fsdp_shard=self.dims.fsdp_shard,
             cp=self.dims.cp,
             on_gpu=self.device.type == "cuda",
         )
@@ -192,7 +192,17 @@ class Trainer:
         # On CPU every local rank shares the machine's RAM.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
         if not cfg.debug.skip_memory_check:
-            check_fits(estimate, self.device, ranks_sharing_device=local_ranks)
+            check_fits(estimate, self.device, ranks_sharing_device=local_ranks, first_lever=self._sharding_lever())
+
+    def _sharding_lever(self) -> str:
+        """With node-local sharding narrower than dp_shard x cp, sharding across nodes is a lever."""
+        group = self.dims.dp_shard * self.dims.cp
+        if self.dims.fsdp_shard == group:
+            return ""
+        return (
+            f"parallelism.fsdp_shard_within_node false (FSDP shards over all {group} ranks of dp_shard x cp"
+            f" instead of one node's {self.dims.fsdp_shard}; its traffic then crosses nodes)"
+        )
 
     def convert(self) -> None:
         """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
@@ -217,7 +227,7 @@ class Trainer:
         print_rank0(
             f"model llama3 {self._model_source()}: {n_params / 1e6:.1f}M parameters; world {self.world_size} ="
             f" dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x cp {self.dims.cp};"
-            f" attention {self.cp.describe()}; device {self.device}",
+            f" {self.dims.describe_fsdp()}; attention {self.cp.describe()}; device {self.device}",
             self.rank,
         )
 

@@ -151,6 +151,11 @@ class Parallelism:
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = option(
         "default", "free gathered parameters after forward: default lets FSDP decide per module"
     )
+    fsdp_shard_within_node: bool = option(
+        True, "when FSDP's shard group (dp_shard x cp ranks) spans several nodes, shard over one node's"
+        " ranks and replicate across nodes (HSDP): all-gathers and reduce-scatters stay inside a node,"
+        " at the memory cost of fewer shards; false shards over the whole group",
+    )
     fsdp_prefetch: int = option(
         0, "all-gather prefetch depth: 0 leaves prefetching to FSDP2; N makes each block gather the next N"
         " blocks in forward and the previous N in backward (up to N+1 blocks gathered at once)",

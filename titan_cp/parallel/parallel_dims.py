@@ -5,6 +5,11 @@ sequence are neighbours, so on one host they share the fastest links. With Ulyss
 dimension is itself split row-major into (cp_ring, ulysses): a Ulysses group is `ulysses` adjacent
 ranks, inside one node when the node's process count is a multiple of it, and the ring (or
 all-gather) runs between the groups, across nodes when cp spans several.
+
+FSDP's shard group is dp_shard x cp adjacent ranks. When it spans several nodes,
+`parallelism.fsdp_shard_within_node` (on by default) shards over the ranks of one node and
+replicates across nodes (HSDP), so the per-block all-gathers and reduce-scatters stay on the
+node's links and only the gradient all-reduce crosses nodes (docs/parallelism.md).
 """
 
 from dataclasses import dataclass
@@ -20,7 +25,8 @@ class ParallelDims:
     dp_shard: int
     cp: int
     world_size: int
-    ulysses: int = 1
+    ulysses: int
+    fsdp_shard: int  # ranks FSDP shards each parameter over: dp_shard x cp, or one node's share
 
     @classmethod
     def from_config(cls, parallelism, world_size: int, processes_per_node: int | None = None) -> "ParallelDims":
@@ -47,7 +53,10 @@ class ParallelDims:
                 " they must be equal"
             )
         _check_ulysses(ulysses, cp, processes_per_node or world_size)
-        return cls(dp_replicate, dp_shard, cp, world_size, ulysses)
+        fsdp_shard = dp_shard * cp
+        if parallelism.fsdp_shard_within_node:
+            fsdp_shard = node_local_shard(fsdp_shard, processes_per_node or world_size)
+        return cls(dp_replicate, dp_shard, cp, world_size, ulysses, fsdp_shard)
 
     @property
     def dp(self) -> int:
@@ -62,24 +71,41 @@ class ParallelDims:
     def uses_fsdp(self) -> bool:
         return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
 
+    @property
+    def fsdp_replicate(self) -> int:
+        """Copies of each parameter shard: dp_replicate, times the nodes a shard group spans."""
+        return self.world_size // self.fsdp_shard
+
+    def describe_fsdp(self) -> str:
+        """One line's worth: what FSDP shards and replicates over."""
+        group = self.dp_shard * self.cp
+        text = f"FSDP shards over {self.fsdp_shard} rank{'s' if self.fsdp_shard > 1 else ''}"
+        if self.fsdp_shard < group:
+            text += f" (one node's share of dp_shard x cp = {group})"
+        if self.fsdp_replicate > 1:
+            text += f", replicated {self.fsdp_replicate}x (HSDP)"
+        return text
+
     def build_meshes(self, device_type: str) -> "Meshes":
         world = init_device_mesh(
             device_type,
             (self.dp_replicate, self.dp_shard, self.cp),
             mesh_dim_names=("dp_replicate", "dp_shard", "cp"),
         )
-        # FSDP shards over dp_shard x cp. Because the layout is row-major, a second mesh of shape
-        # (dp_replicate, dp_shard * cp) holds exactly those ranks; building it with the public
-        # init_device_mesh avoids DeviceMesh's private _flatten.
-        if self.dp_replicate > 1:
-            fsdp = init_device_mesh(
-                device_type,
-                (self.dp_replicate, self.dp_shard * self.cp),
-                mesh_dim_names=("dp_replicate", "dp_shard_cp"),
-            )
-        else:
-            fsdp = init_device_mesh(device_type, (self.dp_shard * self.cp,), mesh_dim_names=("dp_shard_cp",))
-        return Meshes(cp=self._cp_mesh(world, device_type), fsdp=fsdp)
+        return Meshes(cp=self._cp_mesh(world, device_type), fsdp=self._fsdp_mesh(device_type))
+
+    def _fsdp_mesh(self, device_type: str) -> DeviceMesh:
+        """1-D ("shard",), or 2-D ("replicate", "shard") for HSDP.
+
+        A shard group is `fsdp_shard` adjacent ranks (all of dp_shard x cp, or one node's share of
+        it), so a row-major mesh of shape (replicate, shard) holds exactly those groups; building it
+        with the public init_device_mesh avoids DeviceMesh's private _flatten.
+        """
+        if self.fsdp_replicate == 1:
+            return init_device_mesh(device_type, (self.fsdp_shard,), mesh_dim_names=("shard",))
+        return init_device_mesh(
+            device_type, (self.fsdp_replicate, self.fsdp_shard), mesh_dim_names=("replicate", "shard")
+        )
 
     def _cp_mesh(self, world: DeviceMesh, device_type: str) -> DeviceMesh | None:
         """The cp ranks of this rank's sequence: 1-D ("cp"), or 2-D ("cp_ring", "ulysses")."""
@@ -111,11 +137,26 @@ def _check_ulysses(ulysses: int, cp: int, processes_per_node: int) -> None:
         )
 
 
+def node_local_shard(group: int, processes_per_node: int) -> int:
+    """The FSDP shard degree that keeps the shards of each group of `group` adjacent ranks on one node."""
+    if processes_per_node % group == 0:  # whole groups fit in a node: nothing to change
+        return group
+    if group % processes_per_node == 0:  # a group spans whole nodes: shard within each
+        return processes_per_node
+    raise UserError(
+        f"parallelism.fsdp_shard_within_node cannot keep FSDP's shard group (dp_shard x cp = {group}"
+        f" ranks) on nodes of {processes_per_node} processes: one must divide the other;"
+        " set it to false to shard over the whole group across nodes"
+    )
+
+
 @dataclass
 class Meshes:
-    """The meshes the trainer uses, views of one world mesh with dims (dp_replicate, dp_shard, cp).
+    """The meshes the trainer uses, over the ranks laid out row-major as (dp_replicate, dp_shard, cp).
 
-    `fsdp` shards over dp_shard x cp (HSDP: replicate x that). `cp` is None at cp = 1, 1-D ("cp") without Ulysses and 2-D ("cp_ring", "ulysses") with it.
+    `fsdp` shards over `ParallelDims.fsdp_shard` adjacent ranks (dp_shard x cp, or one node's share
+    of it) and replicates over the rest (HSDP). `cp` is None at cp = 1, 1-D ("cp") without Ulysses
+    and 2-D ("cp_ring", "ulysses") with it.
     """
 
     cp: DeviceMesh | None

@@ -115,6 +115,9 @@ def apply_fsdp(
 
     Gradients are summed, not averaged: the loss is already
     divided by the global token count (invariant 4 in docs/architecture.md), so gradients equal cp=1's.
+    With HSDP the replicate dimension's all-reduce sums too: a divide factor of 1 with forced sum
+    reduction makes FSDP2 use SUM for both collectives (tests/test_multinode_launch.py compares
+    the gradient norm of node-local sharding with one process's).
     `prefetch` is parallelism.fsdp_prefetch (see `set_prefetch`). `cpu_offload`
     (training.enable_cpu_offload) keeps the sharded parameters, their gradients and so the
     optimizer state in host memory; FSDP2 copies each unit's shards to the device for its
