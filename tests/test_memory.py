@@ -11,9 +11,10 @@ from titan_cp import memory
 from titan_cp.errors import UserError
 from titan_cp.config import load_config
 from titan_cp.memory import MemoryEstimate, check_fits, count_params, estimate_for_config, estimate_memory
-from titan_cp.memory_report import longest_seq_len
+from titan_cp.memory_report import longest_seq_len, report
 from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import RotaryEmbedding, Transformer, TransformerBlock, sdpa_causal_attention
+from titan_cp.parallel import ParallelDims
 from titan_cp.parallel.parallelize import checkpoint_block
 from tests.train_utils import REPO
 
@@ -157,6 +158,31 @@ def test_h200_verdicts_for_8b_at_128k(monkeypatch):
         check_fits(estimate_memory(args, 131072, 1, 2, 2, "selective", 2, 4096), cuda)
 
 
+def test_70b_sharded_within_nodes_of_8_h200s_is_refused_naming_the_key(monkeypatch):
+    """70B at 128K, cp 16 on 2 nodes of 8 H200s: its 16 bytes per parameter over one node's 8 ranks
+    do not fit; over all 16 they do, so the refusal names parallelism.fsdp_shard_within_node."""
+    h200 = SimpleNamespace(name="NVIDIA H200", total_memory=int(139.8 * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    cuda = torch.device("cuda", 0)
+    cfg = load_config(["--model.flavor", "70B", "--training.seq_len", "131072", "--training.local_batch_size", "1",
+                       "--activation_checkpoint.mode", "full", "--parallelism.context_parallel_degree", "16"])  # fmt: skip
+
+    def dims_and_estimate(within_node: bool):
+        parallelism = dataclasses.replace(cfg.parallelism, fsdp_shard_within_node=within_node)
+        dims = ParallelDims.from_config(parallelism, world_size=16, processes_per_node=8)
+        return dims, estimate_for_config(llama3_flavors["70B"], cfg, dims.fsdp_shard, dims.cp, on_gpu=True)
+
+    node_local, estimate = dims_and_estimate(True)
+    assert node_local.fsdp_shard == 8
+    with pytest.raises(UserError) as err:
+        check_fits(estimate, cuda, first_lever=node_local.wider_sharding_lever())
+    assert "\n" not in str(err.value)
+    assert "would help" in str(err.value) and "parallelism.fsdp_shard_within_node false" in str(err.value)
+    across, estimate = dims_and_estimate(False)
+    assert across.fsdp_shard == 16 and across.wider_sharding_lever() == ""
+    check_fits(estimate, cuda)
+
+
 # Peaks measured on H200s (torch.cuda.max_memory_allocated over 2-3 steps, docs/memory.md):
 # (flavor, layers, seq_len, FSDP ranks, cp, AC mode, loss chunk, mlp chunk, offload, compiled, GiB).
 # The 512K compiled row is step 1's peak plus the optimizer state step 2 adds (that run died in step 2).
@@ -267,3 +293,18 @@ def test_help_memory_prints_the_longest_fit_and_the_next_lever():
     assert "80 GiB (--device-memory-gib)" in smaller.stdout
     bad = _help_memory("--device-memory-gib", "lots")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--device-memory-gib" in bad.stderr
+
+
+def test_help_memory_uses_the_node_local_shard_degree_and_offers_sharding_across(monkeypatch):
+    """NGPU is run_train.sh's processes per node: cp 16 on nodes of 8 shards over 8 GPUs."""
+    seventy_b = ["--model.flavor", "70B", "--training.seq_len", "131072", "--training.local_batch_size", "1",
+                 "--activation_checkpoint.mode", "full", "--parallelism.context_parallel_degree", "16"]  # fmt: skip
+    monkeypatch.setenv("NGPU", "8")
+    text = report(seventy_b)
+    assert "FSDP shards over 8 GPUs" in text.splitlines()[0]
+    assert "131,072 does NOT fit" in text
+    assert "  --parallelism.fsdp_shard_within_node false: " in text
+    monkeypatch.setenv("NGPU", "16")
+    text = report(seventy_b)
+    assert "FSDP shards over 16 GPUs" in text.splitlines()[0]
+    assert "131,072 fits" in text and "fsdp_shard_within_node" not in text

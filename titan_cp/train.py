@@ -192,17 +192,9 @@ class Trainer:
         # On CPU every local rank shares the machine's RAM.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
         if not cfg.debug.skip_memory_check:
-            check_fits(estimate, self.device, ranks_sharing_device=local_ranks, first_lever=self._sharding_lever())
-
-    def _sharding_lever(self) -> str:
-        """With node-local sharding narrower than dp_shard x cp, sharding across nodes is a lever."""
-        group = self.dims.dp_shard * self.dims.cp
-        if self.dims.fsdp_shard == group:
-            return ""
-        return (
-            f"parallelism.fsdp_shard_within_node false (FSDP shards over all {group} ranks of dp_shard x cp"
-            f" instead of one node's {self.dims.fsdp_shard}; its traffic then crosses nodes)"
-        )
+            check_fits(
+                estimate, self.device, ranks_sharing_device=local_ranks, first_lever=self.dims.wider_sharding_lever()
+            )
 
     def convert(self) -> None:
         """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta

@@ -86,6 +86,17 @@ class ParallelDims:
             text += f", replicated {self.fsdp_replicate}x (HSDP)"
         return text
 
+    def wider_sharding_lever(self) -> str:
+        """With node-local sharding narrower than dp_shard x cp, sharding across nodes lowers the
+        model state per rank: named first when a run does not fit ("" otherwise)."""
+        group = self.dp_shard * self.cp
+        if self.fsdp_shard == group:
+            return ""
+        return (
+            f"parallelism.fsdp_shard_within_node false (FSDP shards over all {group} ranks of dp_shard x cp"
+            f" instead of one node's {self.fsdp_shard}; its traffic then crosses nodes)"
+        )
+
     def build_meshes(self, device_type: str) -> "Meshes":
         world = init_device_mesh(
             device_type,
