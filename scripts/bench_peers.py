@@ -65,12 +65,15 @@ def torchtitan_best_ac(seq_len: int) -> str:
     return "selective_op" if seq_len <= 64 * K else "full"
 
 
-def peer_rows(seq_lens: list[int], steps: int) -> list[Row]:
-    """The comparison table: titan_cp compiled (the CUDA default) with `full_except_attention`
-    AC, torchtitan's best setting, HF with gradient checkpointing and Liger's fused loss."""
+def peer_rows(seq_lens: list[int], steps: int, titan_cp_ac: list[str] = ("default",)) -> list[Row]:
+    """The comparison table: titan_cp compiled (the CUDA default) with each AC mode of
+    `titan_cp_ac` ("default": the config's own), torchtitan's best setting, HF with gradient
+    checkpointing and Liger's fused loss."""
     rows = []
     for seq in seq_lens:
-        rows.append(Row("titan_cp", seq, "full_except_attention", ["--activation_checkpoint.mode", "full_except_attention"], steps))
+        for mode in titan_cp_ac:
+            options = [] if mode == "default" else ["--activation_checkpoint.mode", mode]
+            rows.append(Row("titan_cp", seq, mode, options, steps))
         ac = torchtitan_best_ac(seq)
         rows.append(Row("torchtitan", seq, f"{ac} compiled", ["--ac", ac], steps))
     for seq in seq_lens:
@@ -184,6 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--float8-seq-len", type=int, default=8 * K)
     p.add_argument("--steps", type=int, default=0, help="steps per row; 0: 6 (peers) or 100 (float8)")
     p.add_argument("--first-timed-step", type=int, default=3)
+    p.add_argument(
+        "--titan-cp-ac", nargs="+", default=["default"], help="titan_cp rows: activation_checkpoint.mode values, or default"
+    )
     p.add_argument("--only", nargs="*", default=[], help="run only rows whose label contains one of these")
     p.add_argument("--deadline", type=float, default=0, help="skip rows once this many seconds have passed")
     p.add_argument("--corpus", default=str(REPO / "assets" / "data" / "tinyshakespeare.txt"))
@@ -196,7 +202,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
     if args.suite == "peers":
-        rows = peer_rows(args.seq_lens, args.steps or 6)
+        rows = peer_rows(args.seq_lens, args.steps or 6, args.titan_cp_ac)
     else:
         rows = float8_rows(args.float8_seq_len, args.steps or 100)
     rows = [r for r in rows if not args.only or any(o in r.label for o in args.only)]

@@ -102,7 +102,8 @@ def test_dataset_holds_the_corpus_documents(tmp_path):
 def test_rows_and_dry_run(tmp_path, capsys):
     rows = peers.peer_rows([65536, 131072], steps=6)
     settings = {(r.trainer, r.seq_len): r for r in rows}
-    assert len({r.label for r in rows}) == len(rows) and rows[0].label == "titan_cp_64K_full_except_attention"
+    assert len({r.label for r in rows}) == len(rows) and rows[0].label == "titan_cp_64K_default"
+    assert settings[("titan_cp", 65536)].options == []
     assert settings[("torchtitan", 65536)].options == ["--ac", "selective_op"]
     assert settings[("torchtitan", 131072)].options == ["--ac", "full"]
     assert "--liger" in settings[("hf", 131072)].options
@@ -110,7 +111,12 @@ def test_rows_and_dry_run(tmp_path, capsys):
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == len(rows)
     assert commands[0].startswith("./scripts/run_train.sh train_configs/debug_model.toml --model.flavor 1B")
-    assert "full_except_attention" in commands[0] and "bench_torchtitan_peer.py" in commands[1]
+    assert "activation_checkpoint" not in commands[0] and "bench_torchtitan_peer.py" in commands[1]
+    modes = peers.peer_rows([65536], steps=6, titan_cp_ac=["none", "selective"])
+    assert [r.options for r in modes if r.trainer == "titan_cp"] == [
+        ["--activation_checkpoint.mode", "none"],
+        ["--activation_checkpoint.mode", "selective"],
+    ]
 
 
 def test_mfu_uses_both_formulas():
@@ -132,6 +138,7 @@ def test_driver_runs_titan_cp_rows_on_cpu(tmp_path):
     out = tmp_path / "peers"
     results = peers.main([
         "--flavor", "debugmodel", "--seq-lens", "64", "--steps", "4", "--only", "titan_cp",
+        "--titan-cp-ac", "full_except_attention",
         "--out-dir", str(out),
     ])  # fmt: skip
     assert [(r["trainer"], r["seq_len"], r["status"]) for r in results] == [("titan_cp", 64, "ok")]
