@@ -10,7 +10,9 @@ matmul rate, causal attention at the measured kernel rate, a per-token cost for 
 memory-bound and a fixed cost per ring step (both fitted to the measured runs), the ring's
 K/V and dK/dV exchanges overlapped with each step's compute (only the excess shows), and the
 Ulysses all-to-alls exposed. A layout must fit in memory by titan_cp's own estimate
-(titan_cp.memory). FSDP's traffic is assumed hidden behind compute, as measured on 2 GPUs.
+(titan_cp.memory), with FSDP sharding as the trainer does by default: over one node's GPUs
+(parallelism.fsdp_shard_within_node), or over all of them where that alone fits, which the
+recommendation then names. FSDP's traffic is assumed hidden behind compute, as measured on 2 GPUs.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from titan_cp.context_parallel.ulysses import kv_copies  # noqa: E402
 from titan_cp.memory import GIB, count_params, estimate_memory  # noqa: E402
 from titan_cp.metrics import flops_per_token  # noqa: E402
 from titan_cp.models.llama3 import llama3_flavors  # noqa: E402
+from titan_cp.parallel.parallel_dims import node_local_shard  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16, the MFU denominator
 BF16, FP32 = 2, 4
@@ -92,6 +95,7 @@ class Prediction:
     mfu: float
     memory_gib: float
     fits: bool
+    fsdp_within_node: bool  # FSDP shards over one node's GPUs (else over all of them)
 
     @property
     def efficiency(self) -> float:
@@ -134,9 +138,18 @@ def _attention_block(args, seq_len: int, layout: Layout, cluster: Cluster, rates
 
 
 def predict(
-    flavor: str, seq_len: int, layout: Layout, cluster: Cluster, rates: Rates, ac: str = "full"
+    flavor: str,
+    seq_len: int,
+    layout: Layout,
+    cluster: Cluster,
+    rates: Rates,
+    ac: str = "full",
+    fsdp_within_node: bool = True,
 ) -> Prediction:
-    """Step time of one sequence of `seq_len` tokens on a cp group, per GPU (dp fills the rest)."""
+    """Step time of one sequence of `seq_len` tokens on a cp group, per GPU (dp fills the rest).
+
+    dp_shard x cp is every GPU, so FSDP shards over one node's GPUs with `fsdp_within_node`
+    (the trainer's default) and over all of them without; only the memory differs."""
     args = llama3_flavors[flavor]
     counts = count_params(args)
     local = seq_len / layout.cp
@@ -155,8 +168,9 @@ def predict(
     ideal = blocks * (block_matmul + ideal_attention / layout.cp + per_token) + output
     non_embedding = args.num_params(exclude_embedding=True)
     flops = flops_per_token(non_embedding, blocks, args.n_heads, args.head_dim, seq_len).causal
+    fsdp_shard = node_local_shard(cluster.gpus, cluster.gpus_per_node) if fsdp_within_node else cluster.gpus
     memory = estimate_memory(
-        args, seq_len=seq_len, local_batch_size=1, dp_shard_cp=cluster.gpus, cp=layout.cp, ac_mode=ac,
+        args, seq_len=seq_len, local_batch_size=1, fsdp_shard=fsdp_shard, cp=layout.cp, ac_mode=ac,
         param_dtype_bytes=BF16, loss_chunk_size=4096,
     ).total / GIB
     return Prediction(
@@ -169,7 +183,16 @@ def predict(
         mfu=flops * local / step / (PEAK_TFLOPS * 1e12),
         memory_gib=memory,
         fits=memory <= cluster.gpu_memory_gib,
+        fsdp_within_node=fsdp_within_node,
     )
+
+
+def predict_placed(
+    flavor: str, seq_len: int, layout: Layout, cluster: Cluster, rates: Rates, ac: str = "full"
+) -> Prediction:
+    """`predict` with FSDP inside a node where that fits, else across all GPUs (where that may)."""
+    within = predict(flavor, seq_len, layout, cluster, rates, ac)
+    return within if within.fits else predict(flavor, seq_len, layout, cluster, rates, ac, fsdp_within_node=False)
 
 
 def layouts(cp: int, heads: int, gpus_per_node: int) -> list[Layout]:
@@ -191,7 +214,7 @@ def plan(flavor: str, seq_len: int, cluster: Cluster, rates: Rates, cp: int | No
         if seq_len % (2 * degree):
             continue
         predictions = [
-            predict(flavor, seq_len, layout, cluster, rates, ac)
+            predict_placed(flavor, seq_len, layout, cluster, rates, ac)
             for layout in layouts(degree, heads, cluster.gpus_per_node)
         ]
         fitting = [p for p in predictions if p.fits]
@@ -273,9 +296,13 @@ def format_plan(flavor: str, seq_len: int, cluster: Cluster, predictions: list[P
         dp = cluster.gpus // best.layout.cp
         lines.append(
             f"recommended: cp {best.layout.cp} as {best.layout.name} (ulysses degree {best.layout.ulysses}),"
-            f" data parallel {dp}"
+            f" data parallel {dp}{_fsdp_note(best)}"
         )
     return "\n".join(lines)
+
+
+def _fsdp_note(prediction: Prediction) -> str:
+    return "" if prediction.fsdp_within_node else ", parallelism.fsdp_shard_within_node false"
 
 
 TABLE_FLAVORS = ("8B", "70B")
@@ -301,7 +328,7 @@ def format_tables(rates: Rates) -> str:
                     continue
                 ring = next(p for p in predictions if p.layout.ulysses == 1)
                 out.append(
-                    f"| {flavor} | {_tokens(seq_len)} | {gpus} | {best.layout.name} | {best.layout.cp} |"
+                    f"| {flavor} | {_tokens(seq_len)} | {gpus} | {best.layout.name}{_fsdp_note(best)} | {best.layout.cp} |"
                     f" {best.tokens_per_gpu_s:,.0f} | {best.efficiency:.3f} |"
                     f" {ring.efficiency:.3f}, {ring.ring_exposed_s:.2f} |"
                 )
