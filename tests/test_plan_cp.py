@@ -81,3 +81,15 @@ def test_predictions_stay_close_to_the_measured_figures():
         else:
             tolerance = (0.05 if what.startswith("8B") else 0.2) * measured
         assert abs(predicted - measured) <= tolerance, (what, predicted, measured)
+
+
+def test_fsdp_shards_inside_a_node_where_that_fits_else_across_all_gpus():
+    cluster = plan_cp.Cluster(gpus_per_node=8, nodes=8)
+    _, eight_b = plan_cp.plan("8B", 262144, cluster, RATES)
+    assert eight_b.fits and eight_b.fsdp_within_node
+    # 70B's 16 bytes per parameter over one node's 8 GPUs do not fit; over all 64 they do.
+    _, seventy_b = plan_cp.plan("70B", 131072, cluster, RATES)
+    assert seventy_b.fits and not seventy_b.fsdp_within_node
+    assert not plan_cp.predict("70B", 131072, seventy_b.layout, cluster, RATES).fits
+    text = plan_cp.format_plan("70B", 131072, cluster, [seventy_b], seventy_b)
+    assert text.endswith("parallelism.fsdp_shard_within_node false")
