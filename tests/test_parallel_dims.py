@@ -77,27 +77,35 @@ def test_a_shard_group_that_cannot_follow_the_nodes_is_refused_in_one_line():
         assert word in message
 
 
-def _fsdp_groups(rank: int, world_size: int, processes_per_node: int, within_node: bool) -> dict:
-    parallelism = Parallelism(context_parallel_degree=4, fsdp_shard_within_node=within_node)
-    meshes = ParallelDims.from_config(parallelism, world_size, processes_per_node).build_meshes("cpu")
-    groups = {name: dist.get_process_group_ranks(meshes.fsdp.get_group(name)) for name in meshes.fsdp.mesh_dim_names}
-    return {"mesh": meshes.fsdp.mesh.tolist(), "cp": dist.get_process_group_ranks(meshes.cp.get_group()), **groups}
+def _fsdp_groups(rank: int, world_size: int, processes_per_node: int) -> dict:
+    """The fsdp mesh's layout and this rank's group per dim, cp 4, with the key on and off."""
+    layouts = {}
+    for within_node in (True, False):
+        parallelism = Parallelism(context_parallel_degree=4, fsdp_shard_within_node=within_node)
+        meshes = ParallelDims.from_config(parallelism, world_size, processes_per_node).build_meshes("cpu")
+        groups = {dim: dist.get_process_group_ranks(meshes.fsdp.get_group(dim)) for dim in meshes.fsdp.mesh_dim_names}
+        cp_group = dist.get_process_group_ranks(meshes.cp.get_group())
+        layouts[within_node] = {"mesh": meshes.fsdp.mesh.tolist(), "cp": cp_group, **groups}
+    return layouts
+
+
+WHOLE_GROUP = {"mesh": [0, 1, 2, 3], "cp": [0, 1, 2, 3], "shard": [0, 1, 2, 3]}
 
 
 def test_fsdp_mesh_shards_over_the_node_and_replicates_across_nodes():
     # 4 processes as 2 nodes of 2, cp 4 spanning both.
-    results = run_distributed(_fsdp_groups, 4, 2, True)
-    assert results[0]["mesh"] == [[0, 1], [2, 3]]
-    assert [r["shard"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [r["replicate"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert all(r["cp"] == [0, 1, 2, 3] for r in results)
+    results = run_distributed(_fsdp_groups, 4, 2)
+    within = [r[True] for r in results]
+    assert within[0]["mesh"] == [[0, 1], [2, 3]]
+    assert [r["shard"] for r in within] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["replicate"] for r in within] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert all(r["cp"] == [0, 1, 2, 3] for r in within)
+    # Switched off, FSDP shards over the whole cp group across the nodes.
+    assert all(r[False] == WHOLE_GROUP for r in results)
 
 
-@pytest.mark.parametrize("processes_per_node, within_node", [(4, True), (2, False)])
-def test_fsdp_mesh_is_the_whole_group_on_one_node_or_when_switched_off(processes_per_node, within_node):
-    results = run_distributed(_fsdp_groups, 4, processes_per_node, within_node)
-    assert results[0]["mesh"] == [0, 1, 2, 3]
-    assert all(set(r) == {"mesh", "cp", "shard"} and r["shard"] == [0, 1, 2, 3] for r in results)
+def test_fsdp_mesh_is_the_whole_group_on_one_node():
+    assert all(r[True] == WHOLE_GROUP and r[False] == WHOLE_GROUP for r in run_distributed(_fsdp_groups, 4, 4))
 
 
 def _collective_with_a_silent_peer(rank: int, world_size: int) -> float:
