@@ -109,6 +109,26 @@ def test_offload_takes_what_checkpointing_keeps():
     assert groups[0].previous is groups[1]  # backward fetches block L-2 while block L-1 runs
 
 
+def test_offload_under_full_except_attention_moves_only_the_block_input():
+    """Selective checkpointing caches the attention kernel's outputs itself, not as autograd
+    saved tensors, so the offload hooks see only each block's input; the memory estimate keeps
+    those outputs on the device (titan_cp.memory). If a torch release routes them through the
+    hooks, this fails and the estimate can move them to the host."""
+    model, offloader = _model("full_except_attention", offload=True)
+    shapes = []
+    original_pack = offloader._pack
+
+    def record(t, group, shared):
+        packed = original_pack(t, group, shared)
+        if packed is not t:
+            shapes.append(tuple(t.shape))
+        return packed
+
+    offloader._pack = record
+    _loss_and_grads(model)
+    assert shapes == [(BATCH, SEQ, DEBUG.dim)] * DEBUG.n_layers
+
+
 def test_selective_offload_moves_attention_tensors():
     """Selective checkpointing keeps q, k, v, the attention output and the norms' inputs: all
     of them leave the block; the shared RoPE tables ([B, S, 1, head_dim]) do not."""

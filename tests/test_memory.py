@@ -199,6 +199,7 @@ MEASURED = [
     ("1B", 8, 131072, 1, 1, "full", 4096, 8192, True, False, 21.54),
     ("1B", 1, 1048576, 1, 1, "full", 4096, 8192, True, False, 83.27),
     ("8B", 1, 524288, 1, 1, "full", 4096, 8192, True, False, 96.24),
+    ("1B", 16, 524288, 1, 1, "full_except_attention", 4096, 8192, True, False, 89.07),
 ]
 
 
@@ -226,6 +227,20 @@ def test_offload_keeps_two_blocks_on_the_device():
     assert offloaded.activations == 2 * per_block + rope
     assert offloaded.host == args.n_layers * per_block
     assert offloaded.backward_peak == plain.backward_peak
+
+
+def test_offload_leaves_the_cached_attention_outputs_on_the_device():
+    """full_except_attention's attention outputs are cached outside the offload hooks
+    (tests/test_long_sequence.py shows it): every block keeps them on the device."""
+    args = llama3_flavors["1B"]
+    plain = estimate_memory(args, 131072, 1, 1, 1, "full_except_attention", 2, 4096)
+    offloaded = estimate_memory(args, 131072, 1, 1, 1, "full_except_attention", 2, 4096, activation_offload=True)
+    block_input = 131072 * args.dim * 2
+    per_block = plain.activations_last_block - 131072 * 2 * args.head_dim * 4
+    attention_output = per_block - block_input
+    assert attention_output > 0
+    assert offloaded.host == args.n_layers * block_input
+    assert offloaded.activations == plain.activations - (args.n_layers - 2) * block_input
 
 
 def test_tiled_mlp_removes_the_ffn_width_from_the_backward():

@@ -316,8 +316,13 @@ def estimate_memory(
     # copied; in backward the block running and the one being fetched back are on the device
     # (in forward, the one computing and the one still copying out).
     blocks_on_device = min(model_args.n_layers, 2) if activation_offload else model_args.n_layers
+    # full_except_attention's attention outputs are cached by selective checkpointing itself,
+    # outside autograd's saved-tensor hooks, so offload cannot move them: every block keeps them.
+    unmovable = 0
+    if activation_offload and ac_mode == "full_except_attention":
+        unmovable = local_tokens * _attention_output_bytes_per_token(model_args, act)
     if activation_offload:
-        host += model_args.n_layers * kept
+        host += model_args.n_layers * (kept - unmovable)
     dim = model_args.dim
     # Shared by all blocks for the whole step: RoPE's fp32 cos/sin tables.
     rope = local_tokens * 2 * model_args.head_dim * FP32
@@ -334,7 +339,7 @@ def estimate_memory(
         grads=int(state["grads"]),
         optimizer=int(state["optimizer"]),
         gathered_params_peak=int(gathered),
-        activations=int(blocks_on_device * kept + rope),
+        activations=int(blocks_on_device * kept + (model_args.n_layers - blocks_on_device) * unmovable + rope),
         backward_peak=int(max(block_backward, loss_backward)),
         activations_last_block=int(kept + rope),
         host=int(host),
