@@ -32,7 +32,8 @@ class ParallelDims:
     def from_config(cls, parallelism, world_size: int, processes_per_node: int | None = None) -> "ParallelDims":
         """Resolve `data_parallel_shard_degree = -1` and check that the degrees fill the world.
 
-        `processes_per_node` (torchrun's LOCAL_WORLD_SIZE; None: one node) places the Ulysses groups.
+        `processes_per_node` (torchrun's LOCAL_WORLD_SIZE; None: one node) places the Ulysses groups
+        and, with parallelism.fsdp_shard_within_node, FSDP's shard groups.
         """
         dp_replicate = parallelism.data_parallel_replicate_degree
         cp = parallelism.context_parallel_degree
@@ -72,16 +73,20 @@ class ParallelDims:
         return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
 
     @property
+    def fsdp_group(self) -> int:
+        """dp_shard x cp: the ranks FSDP shards over unless kept inside a node."""
+        return self.dp_shard * self.cp
+
+    @property
     def fsdp_replicate(self) -> int:
         """Copies of each parameter shard: dp_replicate, times the nodes a shard group spans."""
         return self.world_size // self.fsdp_shard
 
     def describe_fsdp(self) -> str:
         """One line's worth: what FSDP shards and replicates over."""
-        group = self.dp_shard * self.cp
         text = f"FSDP shards over {self.fsdp_shard} rank{'s' if self.fsdp_shard > 1 else ''}"
-        if self.fsdp_shard < group:
-            text += f" (one node's share of dp_shard x cp = {group})"
+        if self.fsdp_shard < self.fsdp_group:
+            text += f" (one node's share of dp_shard x cp = {self.fsdp_group})"
         if self.fsdp_replicate > 1:
             text += f", replicated {self.fsdp_replicate}x (HSDP)"
         return text
@@ -89,12 +94,11 @@ class ParallelDims:
     def wider_sharding_lever(self) -> str:
         """With node-local sharding narrower than dp_shard x cp, sharding across nodes lowers the
         model state per rank: named first when a run does not fit ("" otherwise)."""
-        group = self.dp_shard * self.cp
-        if self.fsdp_shard == group:
+        if self.fsdp_shard == self.fsdp_group:
             return ""
         return (
-            f"parallelism.fsdp_shard_within_node false (FSDP shards over all {group} ranks of dp_shard x cp"
-            f" instead of one node's {self.fsdp_shard}; its traffic then crosses nodes)"
+            f"parallelism.fsdp_shard_within_node false (FSDP shards over all {self.fsdp_group} ranks of"
+            f" dp_shard x cp instead of one node's {self.fsdp_shard}; its traffic then crosses nodes)"
         )
 
     def build_meshes(self, device_type: str) -> "Meshes":
