@@ -188,7 +188,7 @@ def test_toml_top_level_value_instead_of_section(tmp_path):
         ("[job]\ndump_folder = 3\n", "job.dump_folder in {}: expected a string, got 3"),
         (
             '[activation_checkpoint]\nmode = "some"\n',
-            "activation_checkpoint.mode in {}: expected one of none, selective, full, full_except_attention, got 'some'",
+            "activation_checkpoint.mode in {}: expected one of auto, none, selective, full, full_except_attention, got 'some'",
         ),
     ],
 )

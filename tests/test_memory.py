@@ -16,7 +16,7 @@ from titan_cp.models.llama3.args import llama3_flavors
 from titan_cp.models.llama3.model import RotaryEmbedding, Transformer, TransformerBlock, sdpa_causal_attention
 from titan_cp.parallel import ParallelDims
 from titan_cp.parallel.parallelize import checkpoint_block
-from tests.train_utils import REPO
+from tests.train_utils import REPO, TINY, run_train
 
 DEBUG = llama3_flavors["debugmodel"]
 
@@ -323,3 +323,32 @@ def test_help_memory_uses_the_node_local_shard_degree_and_offers_sharding_across
     text = report(seventy_b)
     assert "FSDP shards over 16 GPUs" in text.splitlines()[0]
     assert "131,072 fits" in text and "fsdp_shard_within_node" not in text
+
+
+@pytest.mark.parametrize("seq_len", [65536, 131072, 524288])
+def test_auto_checkpointing_takes_the_fastest_mode_that_fits(seq_len):
+    """auto walks none, selective, full_except_attention, full and stops at the first that fits
+    an H200 (the 1B, compiled); --help-memory reports the same choice."""
+    capacity = int(139.8 * memory.GIB)
+
+    def fits(mode):
+        estimate = estimate_memory(llama3_flavors["1B"], seq_len, 1, 1, 1, mode, 2, 4096, compiled=True)
+        return memory.needed_bytes(estimate, memory.FIXED_OVERHEAD_CUDA) <= capacity
+
+    fitting = [mode for mode in memory.AC_MODES_FASTEST_FIRST if fits(mode)]
+    chosen = memory.choose_ac_mode(fits)
+    assert chosen == (fitting[0] if fitting else "full")
+    # Each mode is smaller than the one before it, so auto never skips a faster fitting mode.
+    sizes = [estimate_memory(llama3_flavors["1B"], seq_len, 1, 1, 1, m, 2, 4096).total for m in memory.AC_MODES_FASTEST_FIRST]
+    assert sizes == sorted(sizes, reverse=True)
+    result = _help_memory("--training.seq_len", str(seq_len), "--compile.enable", "true", "--activation_checkpoint.mode", "auto")
+    assert f"(activation_checkpoint.mode auto: {chosen})" in result.stdout.splitlines()[1]
+
+
+def test_the_trainer_resolves_auto_before_building(tmp_path):
+    """The default mode is auto; the tiny CPU run fits without recomputation, and says so."""
+    result = run_train(tmp_path, *TINY, "--training.steps", "1", ngpu=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    chosen = [l for l in lines if "activation_checkpoint.mode auto: none" in l]
+    assert len(chosen) == 1 and lines.index(chosen[0]) < next(i for i, l in enumerate(lines) if "memory estimate per device" in l)

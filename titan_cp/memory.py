@@ -7,6 +7,7 @@ the run with one line naming the levers that would help. docs/memory.md derives 
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -401,11 +402,12 @@ def needed_bytes(estimate: MemoryEstimate, overhead: int) -> float:
     return estimate.total * (1 + SAFETY_FRACTION) + overhead
 
 
-def check_fits(
+def fit_problem(
     estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1, first_lever: str = ""
-) -> None:
-    """Raise UserError when the estimate plus the safety margin exceeds what the device has, or
-    what the run keeps in host memory exceeds the RAM available.
+) -> str:
+    """Why the run does not fit, in one line; "" when it fits. It does not fit when the estimate
+    plus the safety margin exceeds what the device has, or what the run keeps in host memory
+    exceeds the RAM available.
 
     On CPU all local ranks share the machine's RAM: pass their number as `ranks_sharing_device`;
     there the host part adds to the device part. `first_lever` names a lever this run has beyond
@@ -415,7 +417,7 @@ def check_fits(
     needed = needed_bytes(estimate, overhead) + (estimate.host if device.type == "cpu" else 0)
     if needed > capacity:
         levers = f"{first_lever}, {LEVERS}" if first_lever else LEVERS
-        raise UserError(
+        return (
             f"the run does not fit: {estimate.format()}; with the safety margin it needs "
             f"{needed / GIB:.1f} GiB but {where}; {levers} would help"
         )
@@ -424,16 +426,41 @@ def check_fits(
         ranks_on_host = max(1, torch.cuda.device_count())
         host_share = _cpu_available_bytes() // ranks_on_host
         if estimate.host > host_share:
-            raise UserError(
+            return (
                 f"the run does not fit in host memory: {estimate.format()}, but {host_share / GIB:.1f} GiB of RAM"
                 f" is available per GPU; switch off activation_checkpoint.offload or training.enable_cpu_offload,"
                 " or use more cp or FSDP ranks"
             )
+    return ""
 
 
-def estimate_for_config(model_args, cfg, fsdp_shard: int, cp: int, on_gpu: bool, seq_len: int | None = None) -> MemoryEstimate:
+def check_fits(
+    estimate: MemoryEstimate, device: torch.device, ranks_sharing_device: int = 1, first_lever: str = ""
+) -> None:
+    """Raise UserError with `fit_problem`'s line when the run does not fit."""
+    problem = fit_problem(estimate, device, ranks_sharing_device, first_lever)
+    if problem:
+        raise UserError(problem)
+
+
+# activation_checkpoint.mode values from least to most recomputation, which on an H200 is also
+# fastest to slowest (docs/performance.md: none, selective, full_except_attention at 64K), and
+# from most to least memory. `auto` takes the first whose estimate fits.
+AC_MODES_FASTEST_FIRST = ("none", "selective", "full_except_attention", "full")
+
+
+def choose_ac_mode(fits: Callable[[str], bool]) -> str:
+    """activation_checkpoint.mode auto: the fastest mode that `fits`, else the smallest (full),
+    whose refusal then names the other levers."""
+    return next((mode for mode in AC_MODES_FASTEST_FIRST if fits(mode)), AC_MODES_FASTEST_FIRST[-1])
+
+
+def estimate_for_config(
+    model_args, cfg, fsdp_shard: int, cp: int, on_gpu: bool, seq_len: int | None = None, ac_mode: str | None = None
+) -> MemoryEstimate:
     """`estimate_memory` for a JobConfig's training, parallelism, activation checkpointing and
-    compile sections; `seq_len` overrides training.seq_len (the --help-memory search)."""
+    compile sections; `seq_len` overrides training.seq_len (the --help-memory search) and
+    `ac_mode` activation_checkpoint.mode (what `auto` tries)."""
     training = cfg.training
     return estimate_memory(
         model_args,
@@ -441,7 +468,7 @@ def estimate_for_config(model_args, cfg, fsdp_shard: int, cp: int, on_gpu: bool,
         local_batch_size=training.local_batch_size,
         fsdp_shard=fsdp_shard,
         cp=cp,
-        ac_mode=cfg.activation_checkpoint.mode,
+        ac_mode=ac_mode or cfg.activation_checkpoint.mode,
         # CPU runs always compute in fp32.
         param_dtype_bytes=2 if on_gpu and training.mixed_precision_param == "bfloat16" else FP32,
         loss_chunk_size=training.loss_chunk_size,

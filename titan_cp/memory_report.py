@@ -16,7 +16,7 @@ import torch
 from titan_cp.checkpoint.hf import load_hf_args
 from titan_cp.config import load_config
 from titan_cp.errors import UserError
-from titan_cp.memory import FIXED_OVERHEAD_CUDA, GIB, MemoryEstimate, estimate_for_config, needed_bytes
+from titan_cp.memory import FIXED_OVERHEAD_CUDA, GIB, MemoryEstimate, choose_ac_mode, estimate_for_config, needed_bytes
 from titan_cp.models.llama3 import llama3_flavors
 from titan_cp.parallel.parallel_dims import node_local_shard
 
@@ -30,7 +30,8 @@ def _levers(cfg) -> list[tuple[str, object]]:
     levers: list[tuple[str, object]] = []
     if cfg.training.mlp_chunk_size == 0:
         levers.append(("training.mlp_chunk_size", 8192))
-    if cfg.activation_checkpoint.mode != "full":
+    # auto already falls back to full when nothing else fits.
+    if cfg.activation_checkpoint.mode not in ("full", "auto"):
         levers.append(("activation_checkpoint.mode", "full"))
     if not cfg.activation_checkpoint.offload:
         levers.append(("activation_checkpoint.offload", True))
@@ -69,9 +70,24 @@ def _fsdp_shard(cfg) -> int:
     return _fsdp_group(cfg)
 
 
-def _estimate(model_args, cfg, seq_len: int) -> MemoryEstimate:
+def _estimate_in_mode(model_args, cfg, seq_len: int, ac_mode: str) -> MemoryEstimate:
     cp = cfg.parallelism.context_parallel_degree
-    return estimate_for_config(model_args, cfg, fsdp_shard=_fsdp_shard(cfg), cp=cp, on_gpu=True, seq_len=seq_len)
+    return estimate_for_config(
+        model_args, cfg, fsdp_shard=_fsdp_shard(cfg), cp=cp, on_gpu=True, seq_len=seq_len, ac_mode=ac_mode
+    )
+
+
+def _ac_mode(model_args, cfg, seq_len: int, capacity: int) -> str:
+    """activation_checkpoint.mode, with auto resolved at `seq_len` as the trainer resolves it."""
+    if cfg.activation_checkpoint.mode != "auto":
+        return cfg.activation_checkpoint.mode
+    return choose_ac_mode(
+        lambda mode: needed_bytes(_estimate_in_mode(model_args, cfg, seq_len, mode), FIXED_OVERHEAD_CUDA) <= capacity
+    )
+
+
+def _estimate(model_args, cfg, seq_len: int, capacity: int) -> MemoryEstimate:
+    return _estimate_in_mode(model_args, cfg, seq_len, _ac_mode(model_args, cfg, seq_len, capacity))
 
 
 def longest_seq_len(model_args, cfg, capacity: int) -> int:
@@ -79,7 +95,7 @@ def longest_seq_len(model_args, cfg, capacity: int) -> int:
     step = 1024 * 2 * cfg.parallelism.context_parallel_degree
 
     def fits(units: int) -> bool:
-        return needed_bytes(_estimate(model_args, cfg, units * step), FIXED_OVERHEAD_CUDA) <= capacity
+        return needed_bytes(_estimate(model_args, cfg, units * step, capacity), FIXED_OVERHEAD_CUDA) <= capacity
 
     low, high = 0, LARGEST_SEQ_LEN // step
     if fits(high):
@@ -134,15 +150,18 @@ def report(argv: list[str]) -> str:
     ]
 
     current = longest_seq_len(model_args, cfg, capacity)
-    estimate = _estimate(model_args, cfg, cfg.training.seq_len)
+    estimate = _estimate(model_args, cfg, cfg.training.seq_len, capacity)
     verdict = "fits" if needed_bytes(estimate, FIXED_OVERHEAD_CUDA) <= capacity else "does NOT fit"
-    lines.append(f"training.seq_len {cfg.training.seq_len:,} {verdict}: {estimate.format()}")
+    auto = ""
+    if cfg.activation_checkpoint.mode == "auto":
+        auto = f" (activation_checkpoint.mode auto: {_ac_mode(model_args, cfg, cfg.training.seq_len, capacity)})"
+    lines.append(f"training.seq_len {cfg.training.seq_len:,} {verdict}{auto}: {estimate.format()}")
     lines.append(f"longest training.seq_len that fits: {current:,}")
     gains = []
     for key, value in _levers(cfg):
         changed = _with(cfg, key, value)
         longest = longest_seq_len(model_args, changed, capacity)
-        host = _estimate(model_args, changed, max(longest, 1024 * 2 * cp)).host
+        host = _estimate(model_args, changed, max(longest, 1024 * 2 * cp), capacity).host
         gains.append((longest, key, value, host))
     gains.sort(key=lambda gain: -gain[0])
     lines.append("one change at a time, longest first:")

@@ -24,7 +24,14 @@ from titan_cp.converters import apply_converters
 from titan_cp.data import Tokenizer, build_dataloader
 from titan_cp.errors import UserError, raise_on_every_rank
 from titan_cp.loss import IGNORE_INDEX
-from titan_cp.memory import check_fits, estimate_for_config, out_of_memory_message
+from titan_cp.memory import (
+    AC_MODES_FASTEST_FIRST,
+    check_fits,
+    choose_ac_mode,
+    estimate_for_config,
+    fit_problem,
+    out_of_memory_message,
+)
 from titan_cp.metrics import MetricsLogger, flops_per_token, mean_causal_keys, print_rank0
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
@@ -91,6 +98,16 @@ def forward_backward(
     if distributed:
         dist.all_reduce(loss_sum)
     return loss_sum, global_count
+
+
+def agree_on_ac_mode(mode: str, device: torch.device) -> str:
+    """The mode with the most recomputation that any rank chose: ranks whose free host memory
+    differs (CPU runs) may estimate differently, and all must checkpoint alike."""
+    if not dist.is_initialized():
+        return mode
+    index = torch.tensor(AC_MODES_FASTEST_FIRST.index(mode), device=device)
+    dist.all_reduce(index, op=dist.ReduceOp.MAX)
+    return AC_MODES_FASTEST_FIRST[int(index)]
 
 
 class Trainer:
@@ -179,22 +196,30 @@ class Trainer:
         return cp
 
     def check_memory(self) -> None:
-        """Print the per-device memory estimate and refuse a run that cannot fit, before allocating."""
+        """Resolve activation_checkpoint.mode auto, print the per-device memory estimate and
+        refuse a run that cannot fit, before allocating."""
         cfg = self.cfg
-        estimate = estimate_for_config(
-            self.model_args,
-            cfg,
-            fsdp_shard=self.dims.fsdp_shard,
-            cp=self.dims.cp,
-            on_gpu=self.device.type == "cuda",
-        )
-        print_rank0(f"memory estimate per device: {estimate.format()}", self.rank)
         # On CPU every local rank shares the machine's RAM.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
-        if not cfg.debug.skip_memory_check:
-            check_fits(
-                estimate, self.device, ranks_sharing_device=local_ranks, first_lever=self.dims.wider_sharding_lever()
+
+        def estimate(ac_mode: str | None = None):
+            on_gpu = self.device.type == "cuda"
+            return estimate_for_config(
+                self.model_args, cfg, fsdp_shard=self.dims.fsdp_shard, cp=self.dims.cp, on_gpu=on_gpu, ac_mode=ac_mode
             )
+
+        if cfg.activation_checkpoint.mode == "auto":
+            mode = choose_ac_mode(lambda mode: not fit_problem(estimate(mode), self.device, local_ranks))
+            cfg.activation_checkpoint.mode = agree_on_ac_mode(mode, self.device)
+            print_rank0(
+                f"activation_checkpoint.mode auto: {cfg.activation_checkpoint.mode} (the least recomputation"
+                " whose memory estimate fits)",
+                self.rank,
+            )
+        chosen = estimate()
+        print_rank0(f"memory estimate per device: {chosen.format()}", self.rank)
+        if not cfg.debug.skip_memory_check:
+            check_fits(chosen, self.device, ranks_sharing_device=local_ranks, first_lever=self.dims.wider_sharding_lever())
 
     def convert(self) -> None:
         """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta

@@ -190,10 +190,11 @@ class Checkpoint:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "selective", "full", "full_except_attention"] = option(
-        "none",
-        "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full, or"
-        " full_except_attention (recomputes each block but keeps attention's output and LSE)",
+    mode: Literal["auto", "none", "selective", "full", "full_except_attention"] = option(
+        "auto",
+        "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full,"
+        " full_except_attention (recomputes each block but keeps attention's output and LSE), or auto"
+        " (the first of none, selective, full_except_attention, full whose memory estimate fits)",
     )
     offload: bool = option(
         False, "copy the activations each block keeps for backward to pinned host memory during forward"
