@@ -99,13 +99,16 @@ def write_dataset(corpus: Path, out: Path) -> Path:
     return out
 
 
-def row_command(row: Row, flavor: str, data: Path, out_dir: Path, first_timed_step: int) -> list[str]:
-    """The command that runs `row` (from the repository root)."""
+def row_command(
+    row: Row, flavor: str, data: Path, out_dir: Path, first_timed_step: int, local_batch_size: int = 1
+) -> list[str]:
+    """The command that runs `row` (from the repository root); `local_batch_size` sequences per
+    titan_cp step (the peers take one)."""
     work = out_dir / row.label
     if row.trainer == "titan_cp":
         return [
             "./scripts/run_train.sh", "train_configs/debug_model.toml", "--model.flavor", flavor,
-            "--training.seq_len", str(row.seq_len), "--training.local_batch_size", "1",
+            "--training.seq_len", str(row.seq_len), "--training.local_batch_size", str(local_batch_size),
             "--training.steps", str(row.steps), "--training.dataset_path", str(data),
             "--optimizer.lr", "3e-4", "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
             "--checkpoint.enable", "false", "--job.dump_folder", str(work), *row.options,
@@ -185,6 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flavor", default="1B", choices=sorted(llama3_flavors))
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64 * K, 128 * K], help="peers suite")
     p.add_argument("--float8-seq-len", type=int, default=8 * K)
+    p.add_argument("--float8-batch", type=int, default=1, help="sequences per step in the float8 suite")
     p.add_argument("--steps", type=int, default=0, help="steps per row; 0: 6 (peers) or 100 (float8)")
     p.add_argument("--first-timed-step", type=int, default=3)
     p.add_argument(
@@ -210,7 +214,8 @@ def main(argv=None) -> list[dict]:
     start = time.monotonic()
     results = []
     for row in rows:
-        command = row_command(row, args.flavor, data, out_dir, args.first_timed_step)
+        batch = args.float8_batch if args.suite == "float8" else 1
+        command = row_command(row, args.flavor, data, out_dir, args.first_timed_step, batch)
         if args.dry_run:
             print(" ".join(command))
             continue
