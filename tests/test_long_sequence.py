@@ -211,8 +211,9 @@ def test_offload_on_gpu_moves_to_pinned_memory_and_back(mode):
         before = torch.cuda.memory_allocated()
         loss = model(tokens[:, :-1], labels=tokens[:, 1:], loss_chunk_size=1024)
         torch.cuda.synchronize()
-        # Memory read by the copy stream is released at the allocator's next call.
-        torch.empty(1, device=device)
+        # Memory the copy stream read (record_stream) is released once its event has completed;
+        # empty_cache waits for those events and frees the blocks, so the reading is not timing-dependent.
+        torch.cuda.empty_cache()
         kept.append(torch.cuda.memory_allocated() - before)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
