@@ -117,7 +117,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--packed-mixes", nargs="+", default=["random"], choices=sorted(PACKED_MIXES),
                    help="document-length mixes of the packed rows (see the docstring)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="which kinds of rows to run")
-    p.add_argument("--heads-k-stride", type=int, default=1, help="KV heads gathered at a time by varlen_llama3")
+    p.add_argument(
+        "--heads-k-stride", type=int, default=0, help="KV heads gathered at a time by varlen_llama3 (0: all at once)"
+    )
     p.add_argument("--native-rotate", nargs="+", default=["allgather", "alltoall"], choices=["allgather", "alltoall"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3,

@@ -87,7 +87,7 @@ def _placed(shards, rank: int, x: torch.Tensor) -> torch.Tensor:
 
 
 CP_DEGREES = (2, 3, 4)
-STRIDES = (1, N_KV_HEADS)  # heads_k_stride: one KV head at a time, and all at once
+STRIDES = (1, N_KV_HEADS, 0)  # heads_k_stride: one KV head at a time, all at once, and 0 (the default: all)
 LAYOUTS = ("zigzag", "contiguous")
 FLASH_ATTN_CP = 3
 

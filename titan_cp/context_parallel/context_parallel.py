@@ -110,7 +110,7 @@ class ContextParallel:
                 "parallelism.ring_attn_func = batch_ring cannot mask packed documents"
                 " (training.sample_packing = true); use auto or varlen_llama3"
             )
-        if n_kv_heads % self.heads_k_stride != 0:
+        if self.heads_k_stride and n_kv_heads % self.heads_k_stride != 0:
             raise UserError(
                 f"parallelism.heads_k_stride {self.heads_k_stride} must divide the model's"
                 f" {n_kv_heads} KV heads" + (" per Ulysses rank" if self.ulysses > 1 else "")

@@ -60,13 +60,14 @@ def varlen_llama3_attention(
 ) -> Tensor:
     """Document-masked causal attention of this rank's shard of a packed batch.
 
-    `heads_k_stride` must divide the KV heads: `ContextParallel.validate` checks it once, before
-    training (the config checks that it is >= 1).
+    `heads_k_stride` KV heads are gathered at a time; 0 gathers all of them at once. Otherwise it
+    must divide the KV heads: `ContextParallel.validate` checks it once, before training.
 
     q `[B, L, Hq, D]`, k/v `[B, L, Hkv, D]`: this rank's tokens in `shards`' local order;
     cp_group None means cp = 1. Returns `[B, L, Hq, D]` in q's dtype.
     """
     n_kv = k.shape[2]
+    heads_k_stride = heads_k_stride or n_kv
     if q.shape[2] % n_kv:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {n_kv} KV heads")
     cp, rank = (1, 0) if cp_group is None else (dist.get_world_size(cp_group), dist.get_rank(cp_group))
