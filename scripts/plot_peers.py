@@ -3,7 +3,8 @@
 
     python scripts/plot_peers.py outputs/peers/peers.json --out docs/bench/peers/peers.png
 
-One line per trainer (titan_cp, torchtitan, HF transformers) over the rows that trained; a row
+One line per trainer (titan_cp, torchtitan, HF transformers) over the rows that trained (for
+titan_cp, the rows of one setting: `--titan-cp-setting`, the config's defaults unless told); a row
 that ran out of memory is drawn as a cross at the top of the memory panel (it needed more than
 the GPU has). Needs matplotlib (on the GPU machine; not a titan_cp dependency).
 """
@@ -31,6 +32,11 @@ def series(results: list[dict]) -> dict[str, dict[str, list]]:
     return out
 
 
+def drawn_rows(results: list[dict], titan_cp_setting: str) -> list[dict]:
+    """Every peer's rows, and titan_cp's of one setting (one line per trainer)."""
+    return [r for r in results if r["trainer"] != "titan_cp" or r["setting"] == titan_cp_setting]
+
+
 def plot(results: list[dict], out: Path, title: str) -> None:
     try:
         import matplotlib
@@ -43,6 +49,8 @@ def plot(results: list[dict], out: Path, title: str) -> None:
     lengths = sorted({r["seq_len"] for r in results})
     for trainer, line in series(results).items():
         label = NAMES.get(trainer, trainer)
+        if trainer == "titan_cp" and line["setting"]:
+            label += f" ({line['setting'][0]})"
         k = [s // 1024 for s in line["seq_len"]]
         speed.plot(k, line["tokens_per_s"], marker="o", label=label)
         points = memory.plot(k, line["peak_memory_gib"], marker="o", label=label)
@@ -69,9 +77,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="peers.json files of scripts/bench_peers.py")
     p.add_argument("--out", default="peers.png")
+    p.add_argument("--titan-cp-setting", default="default", help="the titan_cp rows to draw (bench_peers' setting)")
     p.add_argument("--title", default="Llama 3.2 1B shapes, one sequence per step, bf16, one H200")
     args = p.parse_args(argv)
     results = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    results = drawn_rows(results, args.titan_cp_setting)
     plot(results, Path(args.out), args.title)
     print(f"wrote {args.out}")
 

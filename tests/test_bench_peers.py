@@ -150,6 +150,8 @@ def test_driver_runs_titan_cp_rows_on_cpu(tmp_path):
     table = (out / "peers.md").read_text()
     assert re.search(r"^\| 64 \| titan_cp \| full_except_attention \| [\d,]+ \|", table, re.M)
 
+    other = {**results[0], "setting": "none"}
+    assert plot_peers.drawn_rows(results + [other], "full_except_attention") == results
     lines = plot_peers.series(results + [{"trainer": "hf", "seq_len": 128, "status": "OOM", "setting": "x"}])
     assert lines["titan_cp"]["seq_len"] == [64] and lines["hf"]["oom"] == [128]
 
