@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +37,15 @@ PREFIX = "model."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@contextmanager
+def _single_process():
+    """DCP in this one process. torch warns on every no_dist save and load that it assumes a
+    single process, even when told so; here that is the design, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def hf_to_dcp(hf_dir: Path, dcp_dir: Path) -> None:
     if dcp_dir.exists() and any(dcp_dir.iterdir()):
         raise UserError(f"{dcp_dir}: exists and is not empty; choose a new output folder")
@@ -44,7 +55,8 @@ def hf_to_dcp(hf_dir: Path, dcp_dir: Path) -> None:
     # Written aside and renamed when complete, so a failure never leaves a half checkpoint.
     tmp_dir = dcp_dir.with_name(f".{dcp_dir.name}.tmp-{os.getpid()}")
     try:
-        dcp.save(state, checkpoint_id=str(tmp_dir), no_dist=True)
+        with _single_process():
+            dcp.save(state, checkpoint_id=str(tmp_dir), no_dist=True)
         meta = {"model_args": dataclasses.asdict(model.args), "converted_from": str(hf_dir)}
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if dcp_dir.exists():
@@ -98,7 +110,8 @@ def dcp_to_hf(dcp_dir: Path, hf_dir: Path, tokenizer_source: Path | None, flavor
             raise UserError(
                 f"{dcp_dir}: tensor {key!r} has shape {list(entry.size)}, the model args expect {list(tensor.shape)}"
             )
-    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+    with _single_process():
+        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
     export_hf(model, args, hf_dir, dtype=dtype, serving=serving)
 
 
