@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""titan_cp against torchtitan and Hugging Face transformers, back to back on one GPU: one table.
+"""titan_cp against torchtitan and Hugging Face transformers, back to back: one table.
 
-    python scripts/bench_peers.py --suite peers --out-dir outputs/peers     # 64K and 128K
+    python scripts/bench_peers.py --suite peers --out-dir outputs/peers     # 64K and 128K, one GPU
     python scripts/bench_peers.py --suite float8 --out-dir outputs/float8   # bf16 vs Float8, 100 steps
+    python scripts/bench_peers.py --flavor 8B --cp 2 --out-dir outputs/cp2  # each sequence on 2 GPUs
 
 Every row trains the same Llama 3 flavor (1B: Llama 3.2 shapes) on one sequence per step, bf16
 compute, on the same jsonl of documents (written once from the shipped corpus; HF trains on
@@ -65,19 +66,32 @@ def torchtitan_best_ac(seq_len: int) -> str:
     return "selective_op" if seq_len <= 64 * K else "full"
 
 
-def peer_rows(seq_lens: list[int], steps: int, titan_cp_ac: list[str] = ("default",)) -> list[Row]:
+def peer_rows(
+    seq_lens: list[int],
+    steps: int,
+    titan_cp_ac: list[str] = ("default",),
+    cp: int = 1,
+    torchtitan_ac: list[str] = (),
+) -> list[Row]:
     """The comparison table: titan_cp compiled (the CUDA default) with each AC mode of
-    `titan_cp_ac` ("default": the config's own), torchtitan's best setting, HF with gradient
-    checkpointing and Liger's fused loss."""
+    `titan_cp_ac` ("default": the config's own), torchtitan with each of `torchtitan_ac` (empty:
+    its best setting on one H200), HF with gradient checkpointing and Liger's fused loss.
+
+    `cp` > 1 splits each sequence over that many GPUs, titan_cp and torchtitan each with its own
+    context parallelism; HF has none, so it has no rows then.
+    """
+    split = ["--parallelism.context_parallel_degree", str(cp)] if cp > 1 else []
+    torchtitan_split = ["--cp", str(cp)] if cp > 1 else []
     rows = []
     for seq in seq_lens:
         for mode in titan_cp_ac:
             options = [] if mode == "default" else ["--activation_checkpoint.mode", mode]
-            rows.append(Row("titan_cp", seq, mode, options, steps))
-        ac = torchtitan_best_ac(seq)
-        rows.append(Row("torchtitan", seq, f"{ac} compiled", ["--ac", ac], steps))
-    for seq in seq_lens:
-        rows.append(Row("hf", seq, "checkpointing liger", ["--activation-checkpointing", "--liger"], max(2, steps - 3)))
+            rows.append(Row("titan_cp", seq, mode, options + split, steps))
+        for ac in torchtitan_ac or [torchtitan_best_ac(seq)]:
+            rows.append(Row("torchtitan", seq, f"{ac} compiled", ["--ac", ac, *torchtitan_split], steps))
+    if cp == 1:
+        for seq in seq_lens:
+            rows.append(Row("hf", seq, "checkpointing liger", ["--activation-checkpointing", "--liger"], max(2, steps - 3)))
     return rows
 
 
@@ -194,6 +208,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--titan-cp-ac", nargs="+", default=["default"], help="titan_cp rows: activation_checkpoint.mode values, or default"
     )
+    p.add_argument("--cp", type=int, default=1, help="GPUs per sequence (peers suite), each trainer's own context parallelism")
+    p.add_argument(
+        "--torchtitan-ac", nargs="+", default=[], choices=sorted(torchtitan_peer.AC_SETTINGS),
+        help="torchtitan rows' AC settings; default: its best on one H200 (selective_op to 64K, full beyond)",
+    )
     p.add_argument("--only", nargs="*", default=[], help="run only rows whose label contains one of these")
     p.add_argument("--deadline", type=float, default=0, help="skip rows once this many seconds have passed")
     p.add_argument("--corpus", default=str(REPO / "assets" / "data" / "tinyshakespeare.txt"))
@@ -206,7 +225,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
     if args.suite == "peers":
-        rows = peer_rows(args.seq_lens, args.steps or 6, args.titan_cp_ac)
+        rows = peer_rows(args.seq_lens, args.steps or 6, args.titan_cp_ac, args.cp, args.torchtitan_ac)
     else:
         rows = float8_rows(args.float8_seq_len, args.steps or 100)
     rows = [r for r in rows if not args.only or any(o in r.label for o in args.only)]
@@ -227,7 +246,7 @@ def main(argv=None) -> list[dict]:
             result["status"] = "skipped (deadline)"
         else:
             began = datetime.datetime.now(datetime.timezone.utc)
-            returncode = torchtitan_peer.run_logged(command, work / "run.log", min(row.timeout, left), {**os.environ, "NGPU": "1"})
+            returncode = torchtitan_peer.run_logged(command, work / "run.log", min(row.timeout, left), {**os.environ, "NGPU": str(args.cp)})
             log = (work / "run.log").read_text(errors="replace")
             result |= read_result(row, work, log, args.first_timed_step)
             result |= {"trainer": row.trainer, "setting": row.setting, "seq_len": row.seq_len}

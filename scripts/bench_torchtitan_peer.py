@@ -12,8 +12,9 @@ machines only). This script
 - writes an `hf_assets_path` folder with titan_cp's tokenizer.json and a tokenizer_config.json
   naming its bos/eos tokens, and points torchtitan's `c4_test` dataset at a folder holding the
   `--data` jsonl (`{"text": ...}` lines; titan_cp trains on the same file);
-- runs `torchtitan.train.main` under torchrun on one GPU with one sequence per step, bf16 compute,
-  `--compile` and the `--ac` setting; booleans are tyro flags (`--compile.enable`, no value);
+- runs `torchtitan.train.main` under torchrun on `--cp` GPUs (one by default) with one sequence
+  per step, split over them by torchtitan's own context parallelism when `--cp` > 1, bf16
+  compute, `--compile` and the `--ac` setting; booleans are tyro flags (`--compile.enable`, no value);
 - reads torchtitan's per-step log lines, plus the peak allocated memory of every step (torchtitan
   itself prints reserved memory), and reports the median tokens/s of steps `--first-timed-step`+.
 An out-of-memory run is a result (status "OOM"), not a crash.
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ac", default="selective_op", choices=sorted(AC_SETTINGS))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run eager (compiled by default)")
     p.add_argument("--float8", action="store_true", help="torchtitan's float8 converter")
+    p.add_argument("--cp", type=int, default=1, help="GPUs, and torchtitan's context-parallel degree over them")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--tokenizer", default=str(REPO / "assets" / "tokenizer" / "tokenizer.json"))
@@ -133,6 +135,8 @@ def torchtitan_argv(args: argparse.Namespace, assets: Path, dataset: Path, dump:
     ]  # fmt: skip
     if args.compile:
         argv.append("--compile.enable")
+    if args.cp > 1:
+        argv += ["--parallelism.context_parallel_degree", str(args.cp)]
     if args.float8:
         argv += ["--model.converters", "float8"]
     return argv
@@ -235,7 +239,7 @@ def main(argv=None) -> dict:
     work_dir = Path(args.work_dir)
     assets, dataset = write_assets(work_dir, args.tokenizer, args.data)
     tyro_argv = torchtitan_argv(args, assets, dataset, work_dir / "dump")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.cp),
                str(Path(__file__).resolve()), LAUNCH_FLAG, args.flavor, *tyro_argv]  # fmt: skip
     env = {**os.environ, "HF_DATASETS_CACHE": str(work_dir / "hf_cache"), "HF_HUB_OFFLINE": "1"}
     log_path = work_dir / "torchtitan.log"
@@ -245,7 +249,9 @@ def main(argv=None) -> dict:
         "trainer": "torchtitan",
         "flavor": args.flavor,
         "seq_len": args.seq_len,
-        "setting": f"AC {args.ac}, {'compiled' if args.compile else 'eager'}" + (", float8" if args.float8 else ""),
+        "setting": f"AC {args.ac}, {'compiled' if args.compile else 'eager'}"
+        + (f", cp {args.cp}" if args.cp > 1 else "")
+        + (", float8" if args.float8 else ""),
         **summarize(parse_log(log), args.first_timed_step, args.steps),
         "returncode": returncode,
         "command": " ".join(["python", "scripts/bench_torchtitan_peer.py", *argv]),

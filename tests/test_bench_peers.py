@@ -60,6 +60,9 @@ def test_assets_and_command_line(tmp_path):
     assert argv[-2:] == ["--model.converters", "float8"]
     eager = tt.torchtitan_argv(tt.parse_args(["--data", str(data), "--no-compile"]), assets, dataset, tmp_path)
     assert "--compile.enable" not in eager and "op" in eager
+    assert "--parallelism.context_parallel_degree" not in eager
+    split = tt.torchtitan_argv(tt.parse_args(["--data", str(data), "--cp", "2"]), assets, dataset, tmp_path)
+    assert split[split.index("--parallelism.context_parallel_degree") + 1] == "2"
 
 
 def _torchtitan_line(step: int, loss: float, reserved: float, tps: int) -> str:
@@ -112,6 +115,10 @@ def test_rows_and_dry_run(tmp_path, capsys):
     assert len(commands) == len(rows)
     assert commands[0].startswith("./scripts/run_train.sh train_configs/debug_model.toml --model.flavor 1B")
     assert "activation_checkpoint" not in commands[0] and "bench_torchtitan_peer.py" in commands[1]
+    two = peers.peer_rows([65536], steps=6, cp=2, torchtitan_ac=["full", "selective_op"])
+    assert [r.trainer for r in two] == ["titan_cp", "torchtitan", "torchtitan"]
+    assert two[0].options == ["--parallelism.context_parallel_degree", "2"]
+    assert [r.options for r in two[1:]] == [["--ac", "full", "--cp", "2"], ["--ac", "selective_op", "--cp", "2"]]
     modes = peers.peer_rows([65536], steps=6, titan_cp_ac=["none", "selective"])
     assert [r.options for r in modes if r.trainer == "titan_cp"] == [
         ["--activation_checkpoint.mode", "none"],
