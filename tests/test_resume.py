@@ -9,7 +9,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.train_utils import TINY, read_metrics, run_train, start_training, trainer_ranks
+import pytest
+
+from tests.train_utils import TINY, assert_close_losses, read_metrics, run_train, start_training, trainer_ranks
 
 DP2_CP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"]
 SIX_STEPS = ["--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3"]
@@ -26,22 +28,43 @@ def _complete_steps(dump_folder: Path) -> list[int]:
     )
 
 
-def test_resume_after_step_3_matches_the_straight_run_bit_for_bit(tmp_path):
-    straight = tmp_path / "straight"
-    _ok(run_train(straight, *TINY, *DP2_CP2, *SIX_STEPS, ngpu=4))
-    assert _complete_steps(straight) == [3, 6]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """Six steps at dp2 x cp2 without interruption, with checkpoints at steps 3 and 6."""
+    folder = tmp_path_factory.mktemp("straight")
+    _ok(run_train(folder, *TINY, *DP2_CP2, *SIX_STEPS, ngpu=4))
+    assert _complete_steps(folder) == [3, 6]
+    return folder
 
-    # A run stopped after step 3 has exactly this on disk: the step-3 checkpoint.
-    resumed = tmp_path / "resumed"
+
+def _resume_from_step_3(straight: Path, resumed: Path, *layout: str) -> list[dict]:
+    """What a run stopped after step 3 has on disk (the step-3 checkpoint), resumed in `layout`."""
     shutil.copytree(straight / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
-    _ok(run_train(resumed, *TINY, *DP2_CP2, *SIX_STEPS, ngpu=4))
+    _ok(run_train(resumed, *TINY, *layout, *SIX_STEPS, ngpu=4))
+    return read_metrics(resumed)
 
+
+def test_resume_after_step_3_matches_the_straight_run_bit_for_bit(straight, tmp_path):
+    records = _resume_from_step_3(straight, tmp_path / "resumed", *DP2_CP2)
     expected = {record["step"]: record for record in read_metrics(straight)}
-    records = read_metrics(resumed)
     assert [record["step"] for record in records] == [4, 5, 6], "the second run did not resume at step 3"
     for record in records:
         for key in ("loss", "grad_norm", "lr", "ntokens_seen"):
             assert record[key] == expected[record["step"]][key], (record["step"], key, record, expected[record["step"]])
+
+
+def test_resume_on_another_mesh_continues_the_run(straight, tmp_path):
+    """A checkpoint sharded by FSDP over 4 ranks resumes on an HSDP mesh (replicated twice,
+    sharded over 2: the layout multi-node runs get from parallelism.fsdp_shard_within_node), with
+    the same data order; the losses continue the straight run's (fp32, within 1e-5: the
+    reductions run in another order)."""
+    records = _resume_from_step_3(
+        straight, tmp_path / "hsdp", "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.context_parallel_degree", "2",
+    )  # fmt: skip
+    expected = [record["loss"] for record in read_metrics(straight) if record["step"] > 3]
+    assert [record["step"] for record in records] == [4, 5, 6]
+    assert_close_losses([record["loss"] for record in records], expected, rtol=1e-5)
 
 
 def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path):
