@@ -326,7 +326,7 @@ def test_help_memory_uses_the_node_local_shard_degree_and_offers_sharding_across
 
 
 @pytest.mark.parametrize("seq_len", [65536, 131072, 524288])
-def test_auto_checkpointing_takes_the_fastest_mode_that_fits(seq_len):
+def test_auto_checkpointing_takes_the_fastest_mode_that_fits(seq_len, monkeypatch):
     """auto walks none, selective, full_except_attention, full and stops at the first that fits
     an H200 (the 1B, compiled); --help-memory reports the same choice."""
     capacity = int(139.8 * memory.GIB)
@@ -341,8 +341,10 @@ def test_auto_checkpointing_takes_the_fastest_mode_that_fits(seq_len):
     # Each mode is smaller than the one before it, so auto never skips a faster fitting mode.
     sizes = [estimate_memory(llama3_flavors["1B"], seq_len, 1, 1, 1, m, 2, 4096).total for m in memory.AC_MODES_FASTEST_FIRST]
     assert sizes == sorted(sizes, reverse=True)
-    result = _help_memory("--training.seq_len", str(seq_len), "--compile.enable", "true", "--activation_checkpoint.mode", "auto")
-    assert f"(activation_checkpoint.mode auto: {chosen})" in result.stdout.splitlines()[1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # an H200's memory, as above
+    text = report(["--job.config_file", str(REPO / "train_configs" / "debug_model.toml"), "--model.flavor", "1B",
+                   "--training.local_batch_size", "1", "--training.seq_len", str(seq_len), "--compile.enable", "true"])  # fmt: skip
+    assert f"(activation_checkpoint.mode auto: {chosen})" in text.splitlines()[1]
 
 
 def test_the_trainer_resolves_auto_before_building(tmp_path):
