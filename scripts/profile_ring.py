@@ -14,6 +14,11 @@ the compute stream's time per step into:
 and reports NCCL kernel time (which overlaps compute when the ring hides it). `--gqa` gives the
 kernel K/V heads repeated locally to the query heads (`repeat`) and/or as they are (`native`,
 for kernels with their own GQA: titan_cp's default for cudnn and flash). Rank 0 writes each profile as a gzipped Chrome trace beside the JSON summary.
+
+`--packed MIX` profiles packed documents instead (bench_attention.py's mixes, e.g. `uniform`:
+documents of `--packed-doc-len`): the varlen kernel on one GPU at the full length S (the baseline
+of packed efficiency), the all-gather K/V attention (`varlen_llama3`) over all ranks, and Ulysses
+over all ranks with the varlen kernel on whole documents.
 """
 
 import argparse
@@ -26,7 +31,7 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="", help="write summary.json and rank 0's traces here")
+    p.add_argument("--packed", default="", choices=["", *sorted(bench.PACKED_MIXES)], help="profile packed documents of this mix")
+    p.add_argument("--packed-doc-len", type=int, default=8192, help="document length of the uniform and random mixes")
+    p.add_argument("--heads-k-stride", type=int, default=0, help="KV heads gathered at a time (0: all)")
     # bench.make_inputs also draws packed-document lengths, which the dense ring never uses; a
     # long mean keeps them to a few documents (make_inputs caps it at a quarter of S).
     p.set_defaults(doc_len=1 << 30)
@@ -90,6 +98,37 @@ def attention_steps(args, inputs, rank: int, world: int, native_gqa: bool) -> di
             lambda q, k, v: ring_attention(q, k, v, group, "zigzag", kernel), *ring, ring_dout
         ),
     }
+
+
+def packed_steps(args, inputs, rank: int, world: int, device: torch.device) -> tuple[dict[str, Callable], float]:
+    """({name: fwd+bwd step} of the packed paths, the documents' FLOPs), on `--packed` documents."""
+    gen = torch.Generator().manual_seed(args.seed + args.seq_len)
+    documents = [bench.PACKED_MIXES[args.packed](args.seq_len, args.packed_doc_len, gen) for _ in range(args.batch)]
+    packed = bench.with_documents(inputs, documents)
+    steps = {f"single varlen S={args.seq_len}": bench.varlen_method(packed, args.kernel, 0, 1, device, args.heads_k_stride).step}
+    if world > 1:
+        steps[f"allgather S={args.seq_len} cp={world}"] = bench.varlen_method(
+            packed, args.kernel, rank, world, device, args.heads_k_stride
+        ).step
+        steps[f"ulysses varlen S={args.seq_len} cp={world}"] = bench.ulysses_method(
+            packed, args.kernel, rank, world, device, True, args.heads_k_stride
+        ).step
+    return steps, bench.causal_flops(documents, args.heads, args.head_dim)
+
+
+def planned_steps(args, inputs, rank: int, world: int, device: torch.device) -> Iterator[tuple[str, str, Callable, float]]:
+    """(gqa, name, fwd+bwd step, FLOPs per GPU) of every row, built as they are reached (the
+    kernel's GQA setting is shared, so a row's step must run before the next one is built)."""
+    if args.packed:
+        steps, flops = packed_steps(args, inputs, rank, world, device)
+        for name, step in steps.items():
+            yield "native", name, step, flops if name.startswith("single") else flops / world
+        return
+    flops = bench.causal_flops([[args.seq_len]] * args.batch, args.heads, args.head_dim)
+    local = bench.causal_flops([[args.seq_len // world]] * args.batch, args.heads, args.head_dim)
+    for gqa in args.gqa:
+        for name, step in attention_steps(args, inputs, rank, world, gqa == "native").items():
+            yield gqa, name, step, flops / world if name.startswith("ring") else local
 
 
 def profile_step(step: Callable, steps: int, device: torch.device, trace_path: str) -> float:
@@ -143,28 +182,24 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = bench.init_distributed("cuda", args.timeout)
     inputs = bench.make_inputs(args, args.seq_len, device)
-    flops = bench.causal_flops([[args.seq_len]] * args.batch, args.heads, args.head_dim)
     scratch = tempfile.mkdtemp(prefix="profile_ring_")
     results = []
-    for gqa in args.gqa:
-        for name, step in attention_steps(args, inputs, rank, world, gqa == "native").items():
-            cp = world if name.startswith("ring") else 1
-            work = flops / world if cp > 1 else bench.causal_flops([[args.seq_len // world]] * args.batch, args.heads, args.head_dim)
-            bench.barrier(world, device)
-            ms = bench.time_step(step, args.warmup, args.iters, device)
-            trace = os.path.join(scratch, f"trace_{args.kernel}_{gqa}_{name.split()[0]}_rank{rank}.json")
-            bench.barrier(world, device)
-            split = split_trace(trace, args.profile_steps, profile_step(step, args.profile_steps, device, trace))
-            result = {"kernel": args.kernel, "gqa": gqa, "what": name, "rank": rank, "ms": ms,
-                      "tflops_per_gpu": work / (ms * 1e-3) / 1e12, **split}  # fmt: skip
-            gathered = [None] * world
-            dist.all_gather_object(gathered, result)
-            results += gathered
-            if rank == 0 and args.out_dir:
-                Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-                with open(trace, "rb") as src, gzip.open(Path(args.out_dir) / (Path(trace).name + ".gz"), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            torch.cuda.empty_cache()
+    for gqa, name, step, work in planned_steps(args, inputs, rank, world, device):
+        bench.barrier(world, device)
+        ms = bench.time_step(step, args.warmup, args.iters, device)
+        trace = os.path.join(scratch, f"trace_{args.kernel}_{gqa}_{name.split()[0]}_rank{rank}.json")
+        bench.barrier(world, device)
+        split = split_trace(trace, args.profile_steps, profile_step(step, args.profile_steps, device, trace))
+        result = {"kernel": args.kernel, "gqa": gqa, "what": name, "rank": rank, "ms": ms,
+                  "tflops_per_gpu": work / (ms * 1e-3) / 1e12, **split}  # fmt: skip
+        gathered = [None] * world
+        dist.all_gather_object(gathered, result)
+        results += gathered
+        if rank == 0 and args.out_dir:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            with open(trace, "rb") as src, gzip.open(Path(args.out_dir) / (Path(trace).name + ".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        torch.cuda.empty_cache()
     if rank == 0:
         print_summary(args, world, device, results)
         if args.out_dir:
@@ -191,13 +226,16 @@ def print_summary(args, world: int, device: torch.device, results: list[dict]) -
             print(f"\nlargest other compute, {r['gqa']} {r['what']} (ms per step):")
             for name, ms in r["top_other"]:
                 print(f"  {ms:7.3f}  {name}")
-    for gqa in args.gqa:
+    for gqa in dict.fromkeys(r["gqa"] for r in results):
         # The slowest rank sets each rate, as in bench_attention.py.
-        rate = {
-            what: min(r["tflops_per_gpu"] for r in results if r["gqa"] == gqa and r["what"].startswith(what))
-            for what in ("single", "ring")
-        }
-        print(f"\n{gqa}: cp efficiency (ring rate / single rate at S/cp) {rate['ring'] / rate['single']:.3f}")
+        rates: dict[str, float] = {}
+        for r in results:
+            if r["gqa"] == gqa:
+                rates[r["what"]] = min(rates.get(r["what"], float("inf")), r["tflops_per_gpu"])
+        single = next(rate for what, rate in rates.items() if what.startswith("single"))
+        for what, rate in rates.items():
+            if not what.startswith("single"):
+                print(f"\n{gqa}: cp efficiency of {what} (its rate / the single-GPU row's) {rate / single:.3f}")
 
 if __name__ == "__main__":
     main()
