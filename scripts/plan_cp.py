@@ -34,15 +34,24 @@ BF16, FP32 = 2, 4
 
 @dataclass(frozen=True)
 class Rates:
-    """Measured kernel rates (docs/performance.md) and the two fitted costs."""
+    """Measured kernel rates (docs/performance.md) and the three fitted costs."""
 
-    attention_tflops: float = 540.0  # cuDNN causal fwd+bwd, dense; THD varlen measured 505-547
+    attention_tflops: float = 540.0  # cuDNN causal fwd+bwd, dense, heads of 128; THD varlen 505-547
+    attention_tflops_head_dim_64: float = 430.0  # the same with heads of 64 (the 1B): 427-434
     matmul_tflops: float = 769.0
     # Fitted to the 8B 128K end-to-end run (see `calibrate`): memory-bound work per token, block
     # and model dimension (norms, RoPE, SwiGLU's elementwise part, casts, the loss's share) ...
     per_token_dim_s: float = 3.0e-10
-    # ... and per ring step of one attention call (launches, LSE merge, cuDNN's per-call kernels).
-    per_ring_step_s: float = 0.35e-3
+    # ... and per ring step of one attention call (launches, LSE merge, cuDNN's per-call kernels),
+    # fitted to the three 32K ring rows (0.97, 0.95, 0.93: 0.95 on average) ...
+    per_ring_step_s: float = 0.6e-3
+    # ... and, fitted to the 32K Ulysses attention row, the rate of the copies that lay q, k, v
+    # and the output out for each all-to-all and back (permutes of 5-D tensors, memory-bound).
+    ulysses_copy_gbytes: float = 1200.0
+
+    def attention_rate(self, head_dim: int) -> float:
+        """cuDNN's attention rate for heads of `head_dim` (measured at 64 and 128)."""
+        return self.attention_tflops_head_dim_64 if head_dim <= 64 else self.attention_tflops
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ def _attention_block(args, seq_len: int, layout: Layout, cluster: Cluster, rates
     """(attention seconds per block and GPU with cp, of which exposed ring transfer, Ulysses)."""
     heads, kv_heads, head_dim = args.n_heads, args.n_kv_heads, args.head_dim
     # Causal fwd+bwd = 7·H·D·S² (forward 2, backward 2.5x forward), spread over cp GPUs.
-    compute = 7 * heads * head_dim * seq_len**2 / layout.cp / (rates.attention_tflops * 1e12)
+    compute = 7 * heads * head_dim * seq_len**2 / layout.cp / (rates.attention_rate(head_dim) * 1e12)
     fwd, bwd = compute * 2 / 7, compute * 5 / 7
     exposed_fwd = exposed_bwd = 0.0
     ring = layout.ring
@@ -129,7 +138,9 @@ def _attention_block(args, seq_len: int, layout: Layout, cluster: Cluster, rates
         # q, k, v in and the output back; the same again for the gradients.
         elements = (seq_len / layout.cp) * (2 * heads + 2 * kv_heads * copies) * head_dim
         leaving = elements * BF16 * (layout.ulysses - 1) / layout.ulysses
-        a2a = 2 * leaving / cluster.bandwidth(crosses_nodes=False)
+        # Each element is read and written once before its all-to-all and once after.
+        copies_s = 4 * elements * BF16 / (rates.ulysses_copy_gbytes * 1e9)
+        a2a = 2 * (leaving / cluster.bandwidth(crosses_nodes=False) + copies_s)
     # Full checkpointing runs the attention forward twice; full_except_attention keeps its output.
     recompute = 1 if ac == "full" else 0
     exposed = exposed_fwd * (1 + recompute) + exposed_bwd
@@ -237,24 +248,33 @@ MEASURED_E2E = [
     ("1B 16K cp=2 (bf16 parity run), no checkpointing", "1B", 16384, 2, "none", 30090.0),
     ("1B 64K 1 GPU, full_except_attention, compiled", "1B", 65536, 1, "full_except_attention", 18848.0),
     ("1B 128K 1 GPU, full_except_attention, compiled", "1B", 131072, 1, "full_except_attention", 11442.0),
+    ("1B 64K 1 GPU, no checkpointing, compiled (run A)", "1B", 65536, 1, "none", 19640.0),
+    ("1B 64K 1 GPU, selective, compiled (run A)", "1B", 65536, 1, "selective", 18869.0),
+    ("1B 64K 1 GPU, full_except_attention, compiled (run A)", "1B", 65536, 1, "full_except_attention", 18627.0),
+    ("1B 128K 1 GPU, selective, compiled (run B)", "1B", 131072, 1, "selective", 11443.0),
+    ("1B 128K 1 GPU, full_except_attention, compiled (run B)", "1B", 131072, 1, "full_except_attention", 11333.0),
 ]
-# (what, seq_len, cp, measured efficiency against one GPU at the local length): attention only,
-# 32 query / 8 KV heads x 128, cuDNN.
-MEASURED_RING = [
-    ("ring attention 32K cp=2 (run 2a)", 32768, 2, 0.97),
-    ("ring attention 32K cp=2 (run 2b)", 32768, 2, 0.95),
-    ("ring attention 128K cp=2", 131072, 2, 0.99),
+# (what, seq_len, cp, Ulysses degree, measured efficiency against one GPU at the local length):
+# attention only, 32 query / 8 KV heads x 128, cuDNN.
+MEASURED_ATTENTION = [
+    ("ring attention 32K cp=2 (run 2a)", 32768, 2, 1, 0.97),
+    ("ring attention 32K cp=2 (run 2b)", 32768, 2, 1, 0.95),
+    ("ring attention 128K cp=2", 131072, 2, 1, 0.99),
+    ("ring attention 32K cp=2 (2026-11-29)", 32768, 2, 1, 0.93),
+    ("ring attention 128K cp=2 (2026-11-29)", 131072, 2, 1, 0.99),
+    ("Ulysses attention 32K cp=2 (2026-11-29)", 32768, 2, 2, 0.90),
+    ("Ulysses attention 128K cp=2 (2026-11-29)", 131072, 2, 2, 0.96),
 ]
 TWO_H200 = Cluster(gpus_per_node=2, nodes=1)
 ONE_H200 = Cluster(gpus_per_node=1, nodes=1)
 
 
-def ring_attention_efficiency(seq_len: int, cp: int, cluster: Cluster, rates: Rates) -> float:
-    """One attention call (no checkpointing) with the ring against the kernel at the local length."""
+def attention_efficiency(seq_len: int, layout: Layout, cluster: Cluster, rates: Rates) -> float:
+    """One attention call (no checkpointing) over `layout` against the kernel at the local length."""
     args = llama3_flavors["8B"]  # 32 query / 8 KV heads x 128, the benchmark's shape
-    with_cp, _, _ = _attention_block(args, seq_len, Layout(cp, 1), cluster, rates, "none")
+    with_cp, _, _ = _attention_block(args, seq_len, layout, cluster, rates, "none")
     alone, _, _ = _attention_block(args, seq_len, Layout(1, 1), cluster, rates, "none")
-    return alone / cp / with_cp
+    return alone / layout.cp / with_cp
 
 
 def calibrate(rates: Rates) -> list[tuple[str, float, float]]:
@@ -264,8 +284,9 @@ def calibrate(rates: Rates) -> list[tuple[str, float, float]]:
         cluster = TWO_H200 if cp == 2 else ONE_H200
         predicted = predict(flavor, seq_len, Layout(cp, 1), cluster, rates, ac).tokens_per_gpu_s
         rows.append((what + " (tokens/s/GPU)", predicted, measured))
-    for what, seq_len, cp, measured in MEASURED_RING:
-        rows.append((what + " (efficiency)", ring_attention_efficiency(seq_len, cp, TWO_H200, rates), measured))
+    for what, seq_len, cp, ulysses, measured in MEASURED_ATTENTION:
+        predicted = attention_efficiency(seq_len, Layout(cp, ulysses), TWO_H200, rates)
+        rows.append((what + " (efficiency)", predicted, measured))
     return rows
 
 
@@ -360,7 +381,7 @@ def ring_hiding_threshold(flavor: str, cluster: Cluster, rates: Rates, crosses_n
     """
     args = llama3_flavors[flavor]
     bandwidth = cluster.bandwidth(crosses_nodes)
-    return 12 * args.n_kv_heads * rates.attention_tflops * 1e12 / (5 * args.n_heads * bandwidth)
+    return 12 * args.n_kv_heads * rates.attention_rate(args.head_dim) * 1e12 / (5 * args.n_heads * bandwidth)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,9 +45,12 @@ def test_strong_scaling_loses_efficiency_and_hybrids_lose_less(flavor):
         # Ulysses inside the node cuts the ring's exposed transfer, never adds to it.
         assert by_u[8].ring_exposed_s <= by_u[1].ring_exposed_s + 1e-9
     assert ring == sorted(ring, reverse=True) and hybrid == sorted(hybrid, reverse=True)
-    # Once the ring crosses nodes (16 GPUs on), Ulysses inside the node wins; on one node the
-    # ring hides its NVLink transfers and the all-to-all is the only cost, so it may not.
-    assert all(h >= r for h, r in zip(hybrid[1:], ring[1:]))
+    # From 4 nodes (32 GPUs) on, Ulysses inside the node wins. On one node the ring hides its
+    # NVLink transfers and the all-to-all (with its packing copies) is the only cost; across two
+    # nodes the ring's local length is still long enough to hide them nearly, so there the two
+    # stay within 1%.
+    assert all(h >= r for h, r in zip(hybrid[2:], ring[2:]))
+    assert hybrid[1] >= ring[1] - 0.01
 
 
 def test_the_ring_hides_its_transfers_above_the_threshold_only():
