@@ -274,9 +274,10 @@ def estimate_memory(
     """Estimate the peak memory of one rank for a training step (docs/memory.md derives it).
 
     `seq_len` is the full sequence length (each rank holds seq_len/cp tokens of it),
-    `fsdp_shard` the number of ranks FSDP shards each parameter over (ParallelDims.fsdp_shard), `param_dtype_bytes` the compute dtype's
-    size (2 for bf16, 4 for fp32: also the activations' dtype), `loss_chunk_size` the tokens per
-    logits chunk (0 = all local tokens at once), `reshard_after_forward` the value of
+    `fsdp_shard` the number of ranks FSDP shards each parameter over (ParallelDims.fsdp_shard),
+    `param_dtype_bytes` the compute dtype's size (2 for bf16, 4 for fp32: also the activations'
+    dtype), `loss_chunk_size` the tokens per logits chunk (0 = all local tokens at once),
+    `reshard_after_forward` the value of
     parallelism.fsdp_reshard_after_forward ("never" keeps every block gathered until backward),
     `fsdp_prefetch` parallelism.fsdp_prefetch (N >= 2 holds N + 1 gathered blocks at once),
     `mlp_chunk_size` training.mlp_chunk_size, `activation_offload` activation_checkpoint.offload,
