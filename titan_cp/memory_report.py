@@ -78,7 +78,8 @@ def _estimate_in_mode(model_args, cfg, seq_len: int, ac_mode: str) -> MemoryEsti
 
 
 def _ac_mode(model_args, cfg, seq_len: int, capacity: int) -> str:
-    """activation_checkpoint.mode, with auto resolved at `seq_len` as the trainer resolves it."""
+    """activation_checkpoint.mode, with auto resolved at `seq_len` by the device memory, as the
+    trainer resolves it (the report does not know the host's memory)."""
     if cfg.activation_checkpoint.mode != "auto":
         return cfg.activation_checkpoint.mode
     return choose_ac_mode(
@@ -150,11 +151,10 @@ def report(argv: list[str]) -> str:
     ]
 
     current = longest_seq_len(model_args, cfg, capacity)
-    estimate = _estimate(model_args, cfg, cfg.training.seq_len, capacity)
+    mode = _ac_mode(model_args, cfg, cfg.training.seq_len, capacity)
+    estimate = _estimate_in_mode(model_args, cfg, cfg.training.seq_len, mode)
     verdict = "fits" if needed_bytes(estimate, FIXED_OVERHEAD_CUDA) <= capacity else "does NOT fit"
-    auto = ""
-    if cfg.activation_checkpoint.mode == "auto":
-        auto = f" (activation_checkpoint.mode auto: {_ac_mode(model_args, cfg, cfg.training.seq_len, capacity)})"
+    auto = f" (activation_checkpoint.mode auto: {mode})" if cfg.activation_checkpoint.mode == "auto" else ""
     lines.append(f"training.seq_len {cfg.training.seq_len:,} {verdict}{auto}: {estimate.format()}")
     lines.append(f"longest training.seq_len that fits: {current:,}")
     gains = []
