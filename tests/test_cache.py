@@ -227,3 +227,14 @@ def test_a_dataset_without_targets_is_one_clear_line(tmp_path: Path) -> None:
     message = str(info.value)
     assert "\n" not in message and str(data) in message and "no target token" in message
     assert "training.train_on_inputs" in message
+
+
+def test_a_node_leader_writes_its_status_while_another_leader_renames_its_own(tmp_path: Path, monkeypatch) -> None:
+    """Two launches on one host (two "nodes"): a leader's sweep of old status files may list the
+    other leader's temporary file just before it is renamed away; the sweep goes on without it."""
+    from titan_cp.data import corpus
+
+    renamed_away = tmp_path / f"{corpus._STATUS_PREFIX}other-node1.tmp"
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([renamed_away]))
+    corpus._write_status(tmp_path / f"{corpus._STATUS_PREFIX}token-node0", "ok")
+    assert (tmp_path / f"{corpus._STATUS_PREFIX}token-node0").read_text() == "ok"

@@ -2,7 +2,8 @@
 
 The output folder (job.dump_folder) is checked before the model is built; a mistake raised on one
 rank alone ends every rank within seconds (not after the 300 s collective timeout), with its
-one line and no traceback.
+one line and no traceback. An unexpected error on a rank whose output is hidden still shows its
+traceback, in torchrun's failure report.
 """
 
 import os
@@ -71,6 +72,16 @@ def test_mistake_on_one_rank_only_ends_every_rank_at_once(tmp_path):
     assert "Traceback" not in output, output[-3000:]
     assert elapsed < 120, f"{elapsed:.0f} s: the other rank waited for its timeout"
     assert not trainer_ranks(tmp_path)
+
+
+def test_unexpected_error_on_a_hidden_rank_shows_its_traceback(tmp_path):
+    """LOG_RANK shows rank 0 only; torchrun's failure report still carries rank 1's traceback."""
+    injection = str(REPO / "tests" / "fault_injection")
+    env = {"PYTHONPATH": os.pathsep.join([injection, os.environ.get("PYTHONPATH", "")]),
+           "TITAN_CP_TEST_FAIL_RANK": "1", "TITAN_CP_TEST_FAIL_KIND": "bug"}  # fmt: skip
+    result = _launch(str(tmp_path), "--training.steps", "5", ngpu=2, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "RuntimeError: injected bug on rank 1 only" in result.stderr, result.stderr[-3000:]
 
 
 def test_more_processes_than_gpus_fails_on_every_rank(monkeypatch):

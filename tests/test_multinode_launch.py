@@ -91,7 +91,7 @@ def _slurm_job(tmp_path, dump_folder, *overrides: str, processes_per_node: int =
 
 def test_two_localhost_nodes_give_the_losses_of_one_process(tmp_path, one_process):
     result = _slurm_job(tmp_path, tmp_path / "two", *CP2)
-    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     # Both nodes joined one world of 2 (rank 1 is the other node's only process).
     assert "world 2 = dp_replicate 1 x dp_shard 1 x cp 2" in result.stdout, result.stdout[-2000:]
     assert_close_curves(_curves(tmp_path / "two"), one_process, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_two_localhost_nodes_give_the_losses_of_one_process(tmp_path, one_proces
 
 def test_fsdp_sharded_within_each_node_gives_the_losses_and_gradients_of_one_process(tmp_path, one_process):
     result = _slurm_job(tmp_path, tmp_path / "two", *CP4, processes_per_node=2)
-    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, f"{result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     # cp spans both nodes; FSDP's all-gathers and reduce-scatters stay inside each.
     expected = "FSDP shards over 2 ranks (one node's share of dp_shard x cp = 4), replicated 2x (HSDP)"
     assert expected in result.stdout, result.stdout[-2000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from titan_cp.checkpoint.hf import check_hf_config_matches, export_hf, load_hf_args, load_hf_weights
 from titan_cp.checkpoint.hf_serving import serving_files
@@ -455,6 +456,9 @@ def _packed_keys_per_token(samples, most: int = 256) -> float:
     return mean_causal_keys(torch.stack([samples[i][2] for i in range(0, len(samples), stride)]))
 
 
+# @record: a rank that fails on an unexpected error leaves its traceback to torchrun, whose failure
+# report then shows it even when scripts/run_train.sh's LOG_RANK hides that rank's output.
+@record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # Set by scripts/run_train.sh. Under it the launcher prints a user mistake and owns the exit

@@ -5,7 +5,8 @@ what is missing (the cache, then the packing plan) and writes a status file into
 temporary folder (writable even when the cache folder is not); the node's other ranks wait for
 that file, with no collective, so a build may take longer than any collective timeout. The
 status file's name carries a token rank 0 broadcasts at the start, so a status left by an
-earlier run is never mistaken for this run's. A build that fails on a user mistake (a bad
+earlier run is never mistaken for this run's, and the node's rank (torchrun's GROUP_RANK), so
+nodes sharing a temporary folder (two launches on one host) wait each for their own leader. A build that fails on a user mistake (a bad
 record, an unwritable cache folder) reports the same one-line error on every rank.
 
 Encoding runs in this process here; `scripts/prepare_data.py` spreads it over all cores
@@ -61,7 +62,8 @@ def on_local_leader(work: Callable[[], None]) -> None:
         return
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)
-    status = Path(tempfile.gettempdir()) / f"{_STATUS_PREFIX}{token[0]}"
+    node = os.environ.get("GROUP_RANK", "0")
+    status = Path(tempfile.gettempdir()) / f"{_STATUS_PREFIX}{token[0]}-node{node}"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
             work()
@@ -80,10 +82,12 @@ def on_local_leader(work: Callable[[], None]) -> None:
 
 def _write_status(status: Path, text: str) -> None:
     for old in status.parent.glob(f"{_STATUS_PREFIX}*"):
-        if time.time() - old.stat().st_mtime > _STALE_STATUS_SECONDS:
-            old.unlink(missing_ok=True)
-    # Per process: two local leaders on one host (two launches acting as nodes) write the same status.
-    tmp = status.with_name(f"{status.name}.{os.getpid()}.tmp")
+        try:
+            if time.time() - old.stat().st_mtime > _STALE_STATUS_SECONDS:
+                old.unlink(missing_ok=True)
+        except FileNotFoundError:  # another node's leader on this host renamed or removed it
+            continue
+    tmp = status.with_name(f"{status.name}.tmp")
     tmp.write_text(text)
     tmp.replace(status)
 

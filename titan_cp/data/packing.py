@@ -14,7 +14,7 @@ from the cache only when it is read. The rest of a window is padding: `pad_id` t
 real token attends to.
 """
 
-import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,7 +117,7 @@ def load_or_plan(cache: TokenCache, seq_len: int, truncation: str) -> PackPlan:
     path = cache.folder / "plans" / f"pack-{seq_len}-{truncation}.npz"
     if not path.is_file():
         plan = plan_packing(cache.offsets, seq_len, truncation)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")  # nodes may share the folder
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in vars(plan).items()})
         tmp.replace(path)  # atomic: readers see the whole plan or none
