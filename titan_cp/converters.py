@@ -1,10 +1,11 @@
 """Model converters (`model.converters`): rewrites of the model before it is parallelised.
 
-The key and its one value follow torchtitan: `float8` swaps the transformer blocks' linear layers
-for torchao's Float8 training linears (dynamic tensorwise scaling): their matmuls run in float8
-on Hopper-class GPUs, with bf16 inputs and outputs and master weights unchanged. The output
-projection stays in bf16 (its logits feed the loss, where precision matters most), as do
-linears whose sizes are not multiples of 16, which float8 matmuls cannot take. Parameter names
+The key and its one value follow torchtitan: `float8` swaps the model's linear layers for
+torchao's Float8 training linears (dynamic tensorwise scaling): their matmuls run in float8 on
+Hopper-class GPUs, with bf16 inputs and outputs and master weights unchanged. Layers named in
+`float8.filter_fqns` (by default the output projection: its logits feed the loss, where precision
+matters most) stay in bf16, as do linears whose sizes are not multiples of 16, which float8
+matmuls cannot take. Parameter names
 do not change, so checkpoints and HF export are the same with and without the converter.
 Float8 pays off with `compile.enable` (on by default on CUDA), which fuses the scaling and casts.
 """
@@ -12,15 +13,17 @@ Float8 pays off with `compile.enable` (on by default on CUDA), which fuses the s
 import torch
 from torch import nn
 
+from titan_cp.config.schema import Float8
 from titan_cp.errors import UserError
 from titan_cp.extras import install_hint
 
 _KEY = "model.converters"
 
 
-def float8_filter(module: nn.Module, fqn: str) -> bool:
-    """Whether the linear `fqn` becomes Float8: block linears whose both sizes are multiples of 16."""
-    if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
+def float8_filter(module: nn.Module, fqn: str, filter_fqns: list[str]) -> bool:
+    """Whether the linear `fqn` becomes Float8: both its sizes are multiples of 16 and its name
+    contains none of `filter_fqns`."""
+    if not isinstance(module, nn.Linear) or any(name in fqn for name in filter_fqns):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -36,7 +39,7 @@ def _import_torchao_float8():
     return Float8LinearConfig, convert_to_float8_training
 
 
-def convert_to_float8(model: nn.Module, device: torch.device) -> None:
+def convert_to_float8(model: nn.Module, device: torch.device, float8: Float8) -> None:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
         raise UserError(
@@ -44,13 +47,13 @@ def convert_to_float8(model: nn.Module, device: torch.device) -> None:
             f" e.g. H100/H200/L40S), but this run is on {where}; remove float8 from model.converters"
         )
     config_cls, convert = _import_torchao_float8()
-    convert(model, config=config_cls(), module_filter_fn=float8_filter)
+    convert(model, config=config_cls(), module_filter_fn=lambda module, fqn: float8_filter(module, fqn, float8.filter_fqns))
 
 
 CONVERTERS = {"float8": convert_to_float8}
 
 
-def apply_converters(model: nn.Module, names: list[str], device: torch.device) -> None:
+def apply_converters(model: nn.Module, names: list[str], device: torch.device, float8: Float8) -> None:
     """Apply each converter named in `names` in order (the config loader checked the names)."""
     for name in names:
-        CONVERTERS[name](model, device)
+        CONVERTERS[name](model, device, float8)

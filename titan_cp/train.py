@@ -225,7 +225,7 @@ class Trainer:
     def convert(self) -> None:
         """Model converters (model.converters, e.g. Float8 linears) swap modules here: on the meta
         model, before parallelization wraps them."""
-        apply_converters(self.model, self.cfg.model.converters, self.device)
+        apply_converters(self.model, self.cfg.model.converters, self.device, self.cfg.float8)
 
     def parallelize(self) -> None:
         cfg = self.cfg

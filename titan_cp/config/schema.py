@@ -55,6 +55,17 @@ class Model:
 
 
 @dataclass
+class Float8:
+    filter_fqns: list[str] = field(
+        default_factory=lambda: ["output"],
+        metadata={
+            "help": "under model.converters = float8, linear layers whose name contains one of these stay"
+            " bf16; the default keeps the output projection, whose logits feed the loss, in bf16"
+        },
+    )
+
+
+@dataclass
 class Optimizer:
     name: Literal["AdamW"] = option("AdamW", "optimizer")
     lr: float = option(8e-4, "peak learning rate")
@@ -238,6 +249,7 @@ class Debug:
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
+    float8: Float8 = field(default_factory=Float8)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
