@@ -252,6 +252,7 @@ RANGES = [
     ("parallelism.data_parallel_shard_degree", "0", "-1"),
     ("parallelism.data_parallel_shard_degree", "-2", "1"),
     ("parallelism.heads_k_stride", "-1", "0"),
+    ("float8.filter_fqns", "output,", "output,w2"),
     ("checkpoint.interval", "0", "1"),
     ("checkpoint.keep_latest_k", "-1", "0"),
     ("checkpoint.load_step", "-2", "0"),

@@ -54,6 +54,15 @@ def test_float8_on_cpu_is_one_clear_line():
     assert "\n" not in message and "model.converters = float8" in message and "the CPU" in message
 
 
+def test_float8_filter_naming_no_layer_is_one_clear_line():
+    with torch.device("meta"):
+        model = Transformer(llama3_flavors["debugmodel"])
+    with pytest.raises(UserError) as info:
+        apply_converters(model, ["float8"], torch.device("cpu"), Float8(filter_fqns=["output", "outptu"]))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("float8.filter_fqns: outptu names no linear layer")
+
+
 def test_float8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)

@@ -5,8 +5,8 @@ torchao's Float8 training linears (dynamic tensorwise scaling): their matmuls ru
 Hopper-class GPUs, with bf16 inputs and outputs and master weights unchanged. Layers named in
 `float8.filter_fqns` (by default the output projection: its logits feed the loss, where precision
 matters most) stay in bf16, as do linears whose sizes are not multiples of 16, which float8
-matmuls cannot take. Parameter names
-do not change, so checkpoints and HF export are the same with and without the converter.
+matmuls cannot take. Parameter names do not change, so checkpoints and HF export are the same
+with and without the converter.
 Float8 pays off with `compile.enable` (on by default on CUDA), which fuses the scaling and casts.
 """
 
@@ -40,6 +40,13 @@ def _import_torchao_float8():
 
 
 def convert_to_float8(model: nn.Module, device: torch.device, float8: Float8) -> None:
+    linears = [fqn for fqn, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [name for name in float8.filter_fqns if not any(name in fqn for fqn in linears)]
+    if unmatched:  # a misspelt name would otherwise leave its layer in Float8 silently
+        raise UserError(
+            f"float8.filter_fqns: {', '.join(unmatched)} names no linear layer of the model;"
+            f" use parts of names such as {', '.join(linears[:3])} or output"
+        )
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
         raise UserError(
@@ -47,7 +54,9 @@ def convert_to_float8(model: nn.Module, device: torch.device, float8: Float8) ->
             f" e.g. H100/H200/L40S), but this run is on {where}; remove float8 from model.converters"
         )
     config_cls, convert = _import_torchao_float8()
-    convert(model, config=config_cls(), module_filter_fn=lambda module, fqn: float8_filter(module, fqn, float8.filter_fqns))
+    convert(
+        model, config=config_cls(), module_filter_fn=lambda module, fqn: float8_filter(module, fqn, float8.filter_fqns)
+    )
 
 
 CONVERTERS = {"float8": convert_to_float8}

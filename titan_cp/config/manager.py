@@ -286,6 +286,11 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
     check("parallelism.context_parallel_ulysses_degree", p.context_parallel_ulysses_degree >= 1, ">= 1")
     check("parallelism.fsdp_prefetch", p.fsdp_prefetch >= 0, ">= 0 (0 leaves prefetching to FSDP2)")
     check("parallelism.heads_k_stride", p.heads_k_stride >= 0, "0 (all KV heads at once) or >= 1")
+    check(
+        "float8.filter_fqns",
+        all(cfg.float8.filter_fqns),
+        "names (or parts of names) of linear layers, none empty: an empty one would match every layer",
+    )
     check("checkpoint.interval", cfg.checkpoint.interval >= 1, ">= 1")
     check("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k >= 0, ">= 0 (0 keeps all)")
     check("checkpoint.load_step", cfg.checkpoint.load_step >= -1, "-1 (latest) or >= 0")

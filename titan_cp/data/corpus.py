@@ -6,8 +6,9 @@ temporary folder (writable even when the cache folder is not); the node's other 
 that file, with no collective, so a build may take longer than any collective timeout. The
 status file's name carries a token rank 0 broadcasts at the start, so a status left by an
 earlier run is never mistaken for this run's, and the node's rank (torchrun's GROUP_RANK), so
-nodes sharing a temporary folder (two launches on one host) wait each for their own leader. A build that fails on a user mistake (a bad
-record, an unwritable cache folder) reports the same one-line error on every rank.
+nodes sharing a temporary folder (two launches on one host) wait each for their own leader. A
+build that fails on a user mistake (a bad record, an unwritable cache folder) reports the same
+one-line error on every rank.
 
 Encoding runs in this process here; `scripts/prepare_data.py` spreads it over all cores
 (`encode_pool.py`), with the same result.
