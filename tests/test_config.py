@@ -258,6 +258,7 @@ RANGES = [
     ("checkpoint.load_step", "-2", "0"),
     ("comm.init_timeout_seconds", "0", "1"),
     ("comm.train_timeout_seconds", "0", "1"),
+    ("profiling.profile_freq", "1", "2"),
     ("lr_scheduler.warmup_steps", "-1", "0"),
     ("lr_scheduler.decay_ratio", "1.5", "1"),
     ("lr_scheduler.decay_ratio", "-0.5", "-1"),

@@ -180,10 +180,15 @@ class MetricsLogger:
         self.window_tokens = 0
         return record
 
+    def leave_out(self, seconds: float) -> None:
+        """Leave `seconds` spent on something other than training (validation, writing a trace)
+        out of the next record's throughput."""
+        self.window_start += seconds
+
     def log_validation(self, step: int, loss: float, tokens: int, seconds_outside_training: float = 0.0) -> dict:
         """Record the validation loss (over `tokens` targets) measured after `step`, the same on
         every rank; the seconds it took are left out of the next record's throughput."""
-        self.window_start += seconds_outside_training
+        self.leave_out(seconds_outside_training)
         record = {"step": step, "validation_loss": loss, "validation_tokens": tokens}
         if self.is_writer:
             print(f"step {step}/{self.total_steps}  validation loss {loss:8.4f} over {tokens:,} tokens", flush=True)

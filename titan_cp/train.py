@@ -37,6 +37,7 @@ from titan_cp.metrics import MetricsLogger, flops_per_token, mean_causal_keys, p
 from titan_cp.models.llama3 import Transformer, TransformerModelArgs, llama3_flavors
 from titan_cp.optim import build_lr_scheduler, build_optimizer
 from titan_cp.output_folder import output_folder_error
+from titan_cp.profiling import StepProfiler
 from titan_cp.parallel import (
     ParallelDims,
     init_distributed,
@@ -388,38 +389,48 @@ class Trainer:
         first_step = self.step + 1
         ckpt = self.cfg.checkpoint
         tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
-        while self.step < training.steps:
-            self.step += 1
-            last_step = self.step == training.steps
-            loss, grad_norm, lr, step_tokens = self.train_step()
-            tokens_since_sync += step_tokens
-            self.metrics.step_done(self.step)
-            if self.step == first_step:
-                # The first step includes compilation and lazy initialisation; later steps
-                # get the shorter timeout so a dead rank ends the job quickly.
-                set_collective_timeout(self.cfg.comm.train_timeout_seconds)
-            # The host reads device values only where it needs them: to log, and to save the token
-            # count with a checkpoint. One process checks for a signal without a collective.
-            logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
-            stop = self.stop.received if self.world_size == 1 else self.stop.should_stop(self.device)
-            if logging or stop or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
-                tokens = int(tokens_since_sync.item())
-                tokens_since_sync.zero_()
-                self.ntokens_seen += tokens
-                self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
-                self.metrics.count(tokens)
-            if logging:
-                self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
-            if self.validator is not None and self.validator.should_run(self.step):
-                started = time.perf_counter()
-                validation_loss, validation_tokens = self.validator.run(self.model)
-                self.metrics.log_validation(
-                    self.step, validation_loss, validation_tokens, seconds_outside_training=time.perf_counter() - started
-                )
-            if stop:
-                self.save_and_stop(stop)
-                return stop
-            self.checkpoint.maybe_save(self.step, last_step=last_step)
+        profiler = StepProfiler(self.cfg.profiling, self.cfg.job.dump_folder, self.rank, self.device)
+        with profiler:
+            profiler.step(self.step)  # a trace may begin with the first step
+            while self.step < training.steps:
+                self.step += 1
+                last_step = self.step == training.steps
+                loss, grad_norm, lr, step_tokens = self.train_step()
+                tokens_since_sync += step_tokens
+                self.metrics.step_done(self.step)
+                traced = profiler.step(self.step)
+                if traced:
+                    self.metrics.leave_out(profiler.last_save_seconds)
+                    print_rank0(f"profiling: step {self.step} traced to {traced}", self.rank)
+                if self.step == first_step:
+                    # The first step includes compilation and lazy initialisation; later steps
+                    # get the shorter timeout so a dead rank ends the job quickly.
+                    set_collective_timeout(self.cfg.comm.train_timeout_seconds)
+                # The host reads device values only where it needs them: to log, and to save the token
+                # count with a checkpoint. One process checks for a signal without a collective.
+                logging = self.step % self.cfg.metrics.log_freq == 0 or last_step
+                stop = self.stop.received if self.world_size == 1 else self.stop.should_stop(self.device)
+                if logging or stop or (ckpt.enable and (self.step % ckpt.interval == 0 or last_step)):
+                    tokens = int(tokens_since_sync.item())
+                    tokens_since_sync.zero_()
+                    self.ntokens_seen += tokens
+                    self.checkpoint.extra_state["ntokens_seen"] = self.ntokens_seen
+                    self.metrics.count(tokens)
+                if logging:
+                    self.metrics.log(self.step, loss.item(), grad_norm.item(), lr, self.ntokens_seen)
+                if self.validator is not None and self.validator.should_run(self.step):
+                    started = time.perf_counter()
+                    validation_loss, validation_tokens = self.validator.run(self.model)
+                    self.metrics.log_validation(
+                        self.step,
+                        validation_loss,
+                        validation_tokens,
+                        seconds_outside_training=time.perf_counter() - started,
+                    )
+                if stop:
+                    self.save_and_stop(stop)
+                    return stop
+                self.checkpoint.maybe_save(self.step, last_step=last_step)
         if self.cfg.checkpoint.last_save_in_hf:
             out_dir = os.path.join(self.cfg.job.dump_folder, "hf")
             serving = serving_files(self.tokenizer, self.cfg.model.hf_assets_path or None)

@@ -296,6 +296,7 @@ def _validate(cfg: JobConfig, source: dict[str, str]) -> None:
     check("checkpoint.load_step", cfg.checkpoint.load_step >= -1, "-1 (latest) or >= 0")
     check("comm.init_timeout_seconds", cfg.comm.init_timeout_seconds >= 1, ">= 1")
     check("comm.train_timeout_seconds", cfg.comm.train_timeout_seconds >= 1, ">= 1")
+    check("profiling.profile_freq", cfg.profiling.profile_freq >= 2, ">= 2 (a warm-up step precedes each traced step)")
 
 
 def format_help() -> str:

@@ -237,6 +237,18 @@ class Comm:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = option(
+        False, "trace one step every profiling.profile_freq steps with torch.profiler: a Chrome trace and a"
+        " table of the ops that took the most time, per rank",
+    )
+    save_traces_folder: str = option(
+        "profile_traces", "folder inside job.dump_folder for the traces (one iteration_{step} folder per traced step)"
+    )
+    profile_freq: int = option(100, "steps between traced steps; each traced step follows one warm-up step")
+
+
+@dataclass
 class Debug:
     seed: int = option(0, "seed for weights, data order and dropout-free randomness")
     deterministic: bool = option(False, "use deterministic algorithms (slower)")
@@ -260,4 +272,5 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
     comm: Comm = field(default_factory=Comm)
+    profiling: Profiling = field(default_factory=Profiling)
     debug: Debug = field(default_factory=Debug)
