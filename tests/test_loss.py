@@ -23,15 +23,17 @@ def _reference(output, hidden, labels):
     return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("chunk_size", [0, 1, 3, 7, 22, 100])
-def test_matches_plain_cross_entropy_in_value_and_gradients(chunk_size):
+@pytest.mark.parametrize(
+    "chunk_size,compiled", [(0, False), (1, False), (3, False), (7, False), (22, False), (100, False), (0, True), (3, True)]
+)
+def test_matches_plain_cross_entropy_in_value_and_gradients(chunk_size, compiled):
     output, hidden, labels = _inputs()
     expected = _reference(output, hidden, labels)
     expected.backward()
     want_hidden, want_weight = hidden.grad.clone(), output.weight.grad.clone()
     hidden.grad, output.weight.grad = None, None
 
-    got = chunked_cross_entropy_sum(hidden, output, labels, chunk_size)
+    got = chunked_cross_entropy_sum(hidden, output, labels, chunk_size, compiled=compiled)
     got.backward()
 
     assert got.dtype == torch.float32 and got.dim() == 0
@@ -47,7 +49,7 @@ def test_bf16_hidden_gives_fp32_sum():
     assert got.dtype == torch.float32
 
 
-def _largest_saved_tensor(chunk_size: int) -> int:
+def _largest_saved_tensor(chunk_size: int, compiled: bool = False) -> int:
     """Elements of the largest tensor autograd keeps for backward outside the checkpointed chunks."""
     output, hidden, labels = _inputs()
     sizes = []
@@ -57,13 +59,14 @@ def _largest_saved_tensor(chunk_size: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        chunked_cross_entropy_sum(hidden, output, labels, chunk_size)
+        chunked_cross_entropy_sum(hidden, output, labels, chunk_size, compiled=compiled)
     return max(sizes, default=0)
 
 
-def test_chunked_loss_keeps_no_logits_for_backward():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_loss_keeps_no_logits_for_backward(compiled):
     full_logits = B * S * VOCAB
     # Without chunking the logits are saved (this is what makes the check able to fail)...
-    assert _largest_saved_tensor(0) >= full_logits
+    assert _largest_saved_tensor(0, compiled) >= full_logits
     # ...with chunking nothing vocabulary-sized survives the forward.
-    assert _largest_saved_tensor(3) < 3 * VOCAB
+    assert _largest_saved_tensor(3, compiled) < 3 * VOCAB

@@ -1,6 +1,7 @@
 """The memory estimate against real tensors: parameter counts, optimizer state, saved activations."""
 
 import dataclasses
+import gc
 import subprocess
 from types import SimpleNamespace
 
@@ -68,8 +69,16 @@ def test_explicit_prefetch_adds_gathered_blocks():
     assert peak[3] - peak[0] == block_bf16 * 2
 
 
+def _live_tensors() -> list[torch.Tensor]:
+    gc.collect()  # unreachable cycles are not kept
+    # type(), not isinstance(): some objects warn when asked for their __class__.
+    return [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor)]
+
+
 def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
-    """Bytes autograd keeps for one block's backward, measured with saved-tensor hooks."""
+    """Bytes one block keeps for its backward: what autograd saves (saved-tensor hooks) and what
+    checkpointing holds itself (a selective-checkpoint region's kept outputs, a checkpoint's
+    inputs), found as the tensors still alive after the forward."""
     batch, seq = 2, 64
     torch.manual_seed(0)
     block = TransformerBlock(0, DEBUG, sdpa_causal_attention).to(dtype)
@@ -79,17 +88,25 @@ def _saved_bytes_per_token(mode: str, dtype: torch.dtype) -> float:
     cos, sin = rope(torch.arange(seq).expand(batch, seq))
     # Weights and the RoPE tables are not activations: the estimate counts them elsewhere.
     excluded = {t.untyped_storage().data_ptr() for t in (*block.parameters(), cos, sin)}
+    x = torch.randn(batch, seq, DEBUG.dim, dtype=dtype, requires_grad=True)
+    # Held, so that no new tensor can reuse the id of one of these.
+    alive_before = _live_tensors()
+    ids_before = {id(t) for t in alive_before}
     storages: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def note(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x = torch.randn(batch, seq, DEBUG.dim, dtype=dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin, None)
+    with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+        out = block(x, cos, sin, None)
+    excluded.add(out.untyped_storage().data_ptr())
+    for t in _live_tensors():
+        # Not the random-number-generator state a checkpoint keeps (bytes, not per token).
+        if id(t) not in ids_before and t.is_floating_point():
+            note(t)
     return sum(storages.values()) / (batch * seq)
 
 

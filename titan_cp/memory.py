@@ -140,8 +140,9 @@ def _attention_half_bytes_per_token(model_args, act_bytes: int) -> int:
 
 
 def _swiglu_bytes_per_token(model_args, act_bytes: int) -> int:
-    """w1's and w3's outputs, silu(w1) and the product feeding w2."""
-    return 4 * model_args.ffn_hidden_dim * act_bytes
+    """What an untiled SwiGLU keeps without block checkpointing: w1's and w3's outputs (silu(w1)
+    and the product feeding w2 are recomputed from them, titan_cp.parallel.parallelize.recompute_swiglu)."""
+    return 2 * model_args.ffn_hidden_dim * act_bytes
 
 
 def _kept_bytes_per_token(model_args, act_bytes: int, ac_mode: str, mlp_tiled: bool = False) -> int:
@@ -198,7 +199,7 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
     Two phases, whichever is larger (they do not coexist: autograd frees a node's saved tensors
     once its gradient is computed):
     - the SwiGLU's backward, at silu(w1) * w3's gradient: w1's and w3's outputs, silu(w1) and
-      the product next to three gradients of the same width (seven, as counted on CPU), plus
+      the product (recomputed) next to three gradients of the same width (seven, as counted on CPU), plus
       what checkpointing recomputed before it (full: the whole attention half; selective: the
       feed-forward norm's fp32 input and rsqrt). A tiled SwiGLU holds this for one chunk only
       (its saved four and their three gradients), plus every chunk's input gradient until they
@@ -225,7 +226,7 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
         mlp_per_token = dim * a
         mlp_fixed = mlp_chunk * 7 * ffn * a
     else:
-        # Untiled without checkpointing, the four SwiGLU tensors are already among the kept ones.
+        # Untiled without block checkpointing, w1's and w3's outputs are among the kept tensors.
         mlp_per_token = 7 * ffn * a - (_swiglu_bytes_per_token(model_args, a) if ac_mode == "none" else 0)
         mlp_fixed = 0
     mlp_phase = local_tokens * (recomputed_before_mlp + mlp_per_token + residual_grads) + mlp_fixed

@@ -7,13 +7,13 @@ parallelism needs no module rewrite here: the model was handed the context-paral
 entry point when it was built.
 """
 
-from functools import wraps
+from functools import partial, wraps
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from titan_cp.parallel.activation_offload import apply_activation_offload
 from titan_cp.parallel.parallel_dims import ParallelDims
@@ -42,9 +42,40 @@ def checkpoint_module(module: nn.Module, checkpoint_fn=_checkpoint) -> None:
     module.forward = forward
 
 
+# Matmul ops a linear layer dispatches to: bf16 (with and without bias) and torchao's Float8.
+_MATMULS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten._scaled_mm.default: 1}
+
+
+def _keep_hidden_width_matmuls(hidden_dim: int, ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of the matmuls that produce `hidden_dim`-wide tensors (w1's and w3's),
+    recompute everything else. The op's output width is its weight operand's column count."""
+    weight = args[_MATMULS[func]] if func in _MATMULS else None
+    if weight is not None and weight.shape[-1] == hidden_dim:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_swiglu(feed_forward: nn.Module) -> None:
+    """Keep w1's and w3's outputs for backward, and recompute silu(w1 x) * w3 x from them.
+
+    Left alone, eager autograd keeps four tensors of the hidden width per token (w1's and w3's
+    outputs, the silu and the product that w2's weight gradient reads) and a compiled block three
+    (the compile partitioner does not recompute a value a matmul's backward reads). A
+    selective-checkpoint region over the feed-forward keeps the two matmul outputs and recomputes
+    the two pointwise ops, one read of two tensors and one write, before w2's backward. For the
+    1B at 64K tokens it frees 16 GiB at no measurable cost in speed (docs/performance.md).
+    w2's output is recomputed too: nothing in backward reads it, so it is never computed again.
+    """
+    policy = partial(_keep_hidden_width_matmuls, feed_forward.w1.out_features)
+    checkpoint_module(
+        feed_forward, partial(_checkpoint, context_fn=partial(create_selective_checkpoint_contexts, policy))
+    )
+
+
 def checkpoint_block(block: nn.Module, mode: str, recompute_feed_forward: bool = True) -> None:
     """`full` recomputes the whole block; `selective` recomputes its norms and feed-forward;
-    `full_except_attention` recomputes the whole block but the attention kernel (save_attention.py).
+    `full_except_attention` recomputes the whole block but the attention kernel (save_attention.py);
+    `none` recomputes only the SwiGLU's pointwise ops (`recompute_swiglu`).
 
     Selective keeps what attention saves (q, k, v, its output and LSE), so backward never
     repeats the attention kernel or its context-parallel communication, the costliest part of
@@ -52,7 +83,10 @@ def checkpoint_block(block: nn.Module, mode: str, recompute_feed_forward: bool =
     the SwiGLU, whose activations are the largest per token. `recompute_feed_forward=False`
     leaves the feed-forward alone when it already recomputes itself chunk by chunk (tiled).
     """
-    if mode == "full":
+    if mode == "none":
+        if recompute_feed_forward:
+            recompute_swiglu(block.feed_forward)
+    elif mode == "full":
         checkpoint_module(block)
     elif mode == "full_except_attention":
         checkpoint_module(block, checkpoint_except_attention)
@@ -78,9 +112,11 @@ def compile_enabled(enable: bool | str, device: torch.device) -> bool:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (names unchanged); blocks share one compiled graph."""
+    """Compile each block in place (names unchanged; blocks share one compiled graph) and the
+    output projection with the loss, chunk by chunk (titan_cp.loss)."""
     for block in model.layers.values():
         block.compile(fullgraph=False)
+    model.compile_loss = True
 
 
 def set_prefetch(blocks: list[FSDPModule], depth: int) -> None:

@@ -195,6 +195,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Set by titan_cp.parallel.parallelize.apply_compile: the loss then runs compiled too.
+        self.compile_loss = False
         # On the meta device this costs nothing; elsewhere the model is usable at once.
         self.init_weights()
 
@@ -242,4 +244,4 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy_sum(h, self.output, labels, loss_chunk_size)
+        return chunked_cross_entropy_sum(h, self.output, labels, loss_chunk_size, compiled=self.compile_loss)
