@@ -204,8 +204,9 @@ class Checkpoint:
 class ActivationCheckpoint:
     mode: Literal["auto", "none", "selective", "full", "full_except_attention"] = option(
         "auto",
-        "recompute activations in backward: none, selective (recomputes norms and SwiGLU), full,"
-        " full_except_attention (recomputes each block but keeps attention's output and LSE), or auto"
+        "recompute activations in backward: none (only the SwiGLU's pointwise ops), selective (norms and"
+        " SwiGLU), full, full_except_attention (recomputes each block but keeps attention's output and"
+        " LSE), or auto"
         " (the first of none, selective, full_except_attention, full whose memory estimate fits)",
     )
     offload: bool = option(
