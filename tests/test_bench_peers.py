@@ -119,7 +119,7 @@ def test_rows_and_dry_run(tmp_path, capsys):
     float8 = capsys.readouterr().out.strip().splitlines()
     assert len(float8) == 3 and all("--training.local_batch_size 4 " in c for c in float8)
     assert "--model.converters float8" in float8[1] and "converters" not in float8[0]
-    assert float8[2].endswith("--model.converters float8 --float8.filter_fqns=") and "filter_fqns" not in float8[1]
+    assert float8[2].endswith("--model.converters float8 --float8.filter_fqns output") and "filter_fqns" not in float8[1]
     two = peers.peer_rows([65536], steps=6, cp=2, torchtitan_ac=["full", "selective_op"])
     assert [r.trainer for r in two] == ["titan_cp", "torchtitan", "torchtitan"]
     assert two[0].options == ["--parallelism.context_parallel_degree", "2"]

@@ -24,15 +24,15 @@ def _float8_linears(filter_fqns: list[str]) -> tuple[set[str], set[str]]:
     return chosen, linears
 
 
-def test_float8_takes_block_linears_only_by_default():
+def test_float8_takes_every_linear_by_default():
     chosen, linears = _float8_linears(Float8().filter_fqns)
-    assert chosen == linears - {"output"}
+    assert chosen == linears  # the output projection too
     assert "layers.0.attention.wq" in chosen and "layers.1.feed_forward.w2" in chosen
 
 
 def test_float8_filter_fqns_choose_what_stays_bf16():
-    chosen, linears = _float8_linears([])
-    assert chosen == linears  # the output projection too
+    chosen, linears = _float8_linears(["output"])
+    assert chosen == linears - {"output"}
     chosen, linears = _float8_linears(["output", "attention.wk", "attention.wv"])
     assert chosen == {name for name in linears if name != "output" and not name.endswith(("wk", "wv"))}
     assert load_config(["--float8.filter_fqns", "output,w2"]).float8.filter_fqns == ["output", "w2"]

@@ -57,10 +57,11 @@ class Model:
 @dataclass
 class Float8:
     filter_fqns: list[str] = field(
-        default_factory=lambda: ["output"],
+        default_factory=list,
         metadata={
             "help": "under model.converters = float8, linear layers whose name contains one of these stay"
-            " bf16; the default keeps the output projection, whose logits feed the loss, in bf16"
+            " bf16; empty (the default) converts every linear layer, the output projection included"
+            " (torchtitan keeps it bf16: output)"
         },
     )
 
