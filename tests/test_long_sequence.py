@@ -54,7 +54,7 @@ def _assert_same(actual, expected):
 
 @pytest.mark.parametrize(
     "mode, mlp_chunk_size, offload",
-    [("none", 7, False), ("selective", 7, False), ("full", 0, True), ("selective", 0, True), ("full", 16, True)],
+    [("none", 7, False), ("none", 0, True), ("selective", 7, False), ("full", 0, True), ("selective", 0, True), ("full", 16, True)],
 )
 def test_same_loss_and_grads(mode, mlp_chunk_size, offload, reference):
     """Chunks of 7 and 16 tokens leave a shorter last chunk (40 = 5 x 7 + 5 = 2 x 16 + 8)."""
@@ -127,6 +127,24 @@ def test_offload_under_full_except_attention_moves_only_the_block_input():
     offloader._pack = record
     _loss_and_grads(model)
     assert shapes == [(BATCH, SEQ, DEBUG.dim)] * DEBUG.n_layers
+
+
+def test_offload_under_mode_none_leaves_the_kept_swiglu_inputs():
+    """Mode none's SwiGLU region caches w1's and w3's outputs itself, so the offload hooks never
+    see a tensor of the hidden width; the memory estimate keeps them on the device."""
+    model, offloader = _model("none", offload=True)
+    widths = []
+    original_pack = offloader._pack
+
+    def record(t, group, shared):
+        packed = original_pack(t, group, shared)
+        if packed is not t:
+            widths.append(t.shape[-1])
+        return packed
+
+    offloader._pack = record
+    _loss_and_grads(model)
+    assert widths and DEBUG.ffn_hidden_dim not in widths
 
 
 def test_selective_offload_moves_attention_tensors():

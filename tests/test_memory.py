@@ -246,6 +246,18 @@ def test_offload_keeps_two_blocks_on_the_device():
     assert offloaded.backward_peak == plain.backward_peak
 
 
+def test_offload_leaves_mode_nones_kept_swiglu_inputs_on_the_device():
+    """Mode none's selective-checkpoint region caches w1's and w3's outputs outside the offload
+    hooks (tests/test_long_sequence.py shows it): every block keeps them on the device."""
+    args = llama3_flavors["1B"]
+    plain = estimate_memory(args, 131072, 1, 1, 1, "none", 2, 4096)
+    offloaded = estimate_memory(args, 131072, 1, 1, 1, "none", 2, 4096, activation_offload=True)
+    swiglu = 131072 * 2 * args.ffn_hidden_dim * 2
+    per_block = plain.activations_last_block - 131072 * 2 * args.head_dim * 4
+    assert offloaded.host == args.n_layers * (per_block - swiglu)
+    assert offloaded.activations == plain.activations - (args.n_layers - 2) * (per_block - swiglu)
+
+
 def test_offload_leaves_the_cached_attention_outputs_on_the_device():
     """full_except_attention's attention outputs are cached outside the offload hooks
     (tests/test_long_sequence.py shows it): every block keeps them on the device."""

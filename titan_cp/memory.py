@@ -319,11 +319,14 @@ def estimate_memory(
     # copied; in backward the block running and the one being fetched back are on the device
     # (in forward, the one computing and the one still copying out).
     blocks_on_device = min(model_args.n_layers, 2) if activation_offload else model_args.n_layers
-    # full_except_attention's attention outputs are cached by selective checkpointing itself,
-    # outside autograd's saved-tensor hooks, so offload cannot move them: every block keeps them.
+    # Selective checkpointing caches what its policy saves itself, outside autograd's saved-tensor
+    # hooks, so offload cannot move it: every block keeps full_except_attention's attention
+    # outputs, and mode none's w1 and w3 outputs (untiled; parallelize.recompute_swiglu).
     unmovable = 0
     if activation_offload and ac_mode == "full_except_attention":
         unmovable = local_tokens * _attention_output_bytes_per_token(model_args, act)
+    if activation_offload and ac_mode == "none" and not tiled:
+        unmovable = local_tokens * _swiglu_bytes_per_token(model_args, act)
     if activation_offload:
         host += model_args.n_layers * (kept - unmovable)
     dim = model_args.dim
