@@ -109,60 +109,44 @@ def test_offload_takes_what_checkpointing_keeps():
     assert groups[0].previous is groups[1]  # backward fetches block L-2 while block L-1 runs
 
 
+def _packed_shapes(mode: str) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, moved to the host) of every tensor the offload hooks saw in one step in `mode`."""
+    model, offloader = _model(mode, offload=True)
+    seen = []
+    original_pack = offloader._pack
+
+    def record(t, group, shared):
+        packed = original_pack(t, group, shared)
+        seen.append((tuple(t.shape), packed is not t))
+        return packed
+
+    offloader._pack = record
+    _loss_and_grads(model)
+    return seen
+
+
 def test_offload_under_full_except_attention_moves_only_the_block_input():
     """Selective checkpointing caches the attention kernel's outputs itself, not as autograd
     saved tensors, so the offload hooks see only each block's input; the memory estimate keeps
     those outputs on the device (titan_cp.memory). If a torch release routes them through the
     hooks, this fails and the estimate can move them to the host."""
-    model, offloader = _model("full_except_attention", offload=True)
-    shapes = []
-    original_pack = offloader._pack
-
-    def record(t, group, shared):
-        packed = original_pack(t, group, shared)
-        if packed is not t:
-            shapes.append(tuple(t.shape))
-        return packed
-
-    offloader._pack = record
-    _loss_and_grads(model)
-    assert shapes == [(BATCH, SEQ, DEBUG.dim)] * DEBUG.n_layers
+    moved = [shape for shape, was_moved in _packed_shapes("full_except_attention") if was_moved]
+    assert moved == [(BATCH, SEQ, DEBUG.dim)] * DEBUG.n_layers
 
 
 def test_offload_under_mode_none_leaves_the_kept_swiglu_inputs():
     """Mode none's SwiGLU region caches w1's and w3's outputs itself, so the offload hooks never
     see a tensor of the hidden width; the memory estimate keeps them on the device."""
-    model, offloader = _model("none", offload=True)
-    widths = []
-    original_pack = offloader._pack
-
-    def record(t, group, shared):
-        packed = original_pack(t, group, shared)
-        if packed is not t:
-            widths.append(t.shape[-1])
-        return packed
-
-    offloader._pack = record
-    _loss_and_grads(model)
-    assert widths and DEBUG.ffn_hidden_dim not in widths
+    moved = [shape for shape, was_moved in _packed_shapes("none") if was_moved]
+    assert moved and all(shape[-1] != DEBUG.ffn_hidden_dim for shape in moved)
 
 
 def test_selective_offload_moves_attention_tensors():
     """Selective checkpointing keeps q, k, v, the attention output and the norms' inputs: all
     of them leave the block; the shared RoPE tables ([B, S, 1, head_dim]) do not."""
-    model, offloader = _model("selective", offload=True)
-    _loss_and_grads_and_groups = []
-    original_pack = offloader._pack
-
-    def record(t, group, shared):
-        packed = original_pack(t, group, shared)
-        _loss_and_grads_and_groups.append((tuple(t.shape), packed is t))
-        return packed
-
-    offloader._pack = record
-    _loss_and_grads(model)
-    moved = {shape for shape, kept in _loss_and_grads_and_groups if not kept}
-    kept = {shape for shape, kept in _loss_and_grads_and_groups if kept}
+    seen = _packed_shapes("selective")
+    moved = {shape for shape, was_moved in seen if was_moved}
+    kept = {shape for shape, was_moved in seen if not was_moved}
     head_dim = DEBUG.head_dim
     assert (BATCH, SEQ, DEBUG.dim) in moved
     assert (BATCH, SEQ, DEBUG.n_kv_heads, head_dim) in moved or (BATCH, DEBUG.n_kv_heads, SEQ, head_dim) in moved
