@@ -8,9 +8,9 @@ first recorded step carries its own start-up cost). Each rank writes, under
 - `rank{r}_ops.txt`: the ops and kernels that took the most time in the step, as a table, so the
   answer to "what is slow" needs no trace viewer (device time on CUDA, CPU time on CPU).
 
-The loop never waits for the GPU outside logging steps, so a traced step's kernels can start
-while the step before it is still being launched; the warm-up step keeps that overlap inside
-the recorded window's start rather than cutting kernels in half.
+The loop never waits for the GPU outside logging steps, so the GPU would still be running the
+warm-up step's kernels when the traced step begins; the profiler waits for them there (one
+device sync per trace), so the trace and the table hold the traced step's kernels alone.
 """
 
 import os
@@ -47,6 +47,8 @@ class StepProfiler(AbstractContextManager):
             return None
         written = None
         if self._profiler is not None and (step + 1) % self.freq == 0:
+            if self.on_cuda:
+                torch.cuda.synchronize()  # the warm-up step's kernels stay out of the trace
             self._profiler.step()  # the warm-up step is over: record the next one
         elif self._profiler is not None and step % self.freq == 0:
             written = self._save(step)
