@@ -11,7 +11,19 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.train_utils import REPO, TINY, read_metrics, start_training, trainer_ranks
+
+
+@pytest.fixture(autouse=True)
+def sigint_not_ignored():
+    """A terminal's job starts with Ctrl-C at its default action. A pytest started as a background
+    job of a non-interactive shell inherits SIGINT ignored, its children too, and bash cannot trap
+    a signal ignored at its start; a Python handler here is reset to the default in the launcher."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 CHECKPOINTING = ["--checkpoint.enable", "true", "--checkpoint.interval", "100000"]
 
