@@ -5,10 +5,12 @@ torchao's Float8 training linears (dynamic tensorwise scaling): their matmuls ru
 Hopper-class GPUs, with bf16 inputs and outputs and master weights unchanged. Layers named in
 `float8.filter_fqns` (none by default) stay in bf16, as do linears whose sizes are not multiples
 of 16, which float8 matmuls cannot take. torchtitan keeps the output projection in bf16 by
-default; here it is converted too, because measured on the 1B it is the largest matmul and its
-Float8 kept the losses within 1% of bf16 (docs/performance.md, "Float8 against bf16"). Parameter names do not change, so checkpoints and HF export are the same
-with and without the converter.
-Float8 pays off with `compile.enable` (on by default on CUDA), which fuses the scaling and casts.
+default; here it is converted too: on the 1B it is the largest matmul, and in Float8 it kept the
+losses within 1% of bf16 (docs/performance.md, "Float8 against bf16"). Parameter names do not
+change, so checkpoints and HF export are the same with and without the converter.
+Float8 pays off with `compile.enable` (on by default on CUDA), which fuses the scaling and casts;
+without it, keep the output projection in bf16 (`--float8.filter_fqns output`): run eagerly,
+its casts made a step slower than bf16.
 """
 
 import torch
