@@ -141,7 +141,7 @@ def _attention_half_bytes_per_token(model_args, act_bytes: int) -> int:
 
 def _swiglu_bytes_per_token(model_args, act_bytes: int) -> int:
     """What an untiled SwiGLU keeps without block checkpointing: w1's and w3's outputs (silu(w1)
-    and the product feeding w2 are recomputed from them, titan_cp.parallel.parallelize.recompute_swiglu)."""
+    and the product feeding w2 are recomputed from them: parallelize.recompute_swiglu)."""
     return 2 * model_args.ffn_hidden_dim * act_bytes
 
 
@@ -199,8 +199,8 @@ def _block_backward_bytes(model_args, act_bytes: int, ac_mode: str, cp: int, loc
     Two phases, whichever is larger (they do not coexist: autograd frees a node's saved tensors
     once its gradient is computed):
     - the SwiGLU's backward, at silu(w1) * w3's gradient: w1's and w3's outputs, silu(w1) and
-      the product (recomputed) next to three gradients of the same width (seven, as counted on CPU), plus
-      what checkpointing recomputed before it (full: the whole attention half; selective: the
+      the product (recomputed in mode none) next to three gradients of the same width (seven, as
+      counted on CPU), plus what checkpointing recomputed before it (full: the whole attention half; selective: the
       feed-forward norm's fp32 input and rsqrt). A tiled SwiGLU holds this for one chunk only
       (its saved four and their three gradients), plus every chunk's input gradient until they
       are joined;
@@ -325,7 +325,7 @@ def estimate_memory(
     unmovable = 0
     if activation_offload and ac_mode == "full_except_attention":
         unmovable = local_tokens * _attention_output_bytes_per_token(model_args, act)
-    if activation_offload and ac_mode == "none" and not tiled:
+    elif activation_offload and ac_mode == "none" and not tiled:
         unmovable = local_tokens * _swiglu_bytes_per_token(model_args, act)
     if activation_offload:
         host += model_args.n_layers * (kept - unmovable)

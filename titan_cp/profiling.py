@@ -38,7 +38,9 @@ class StepProfiler(AbstractContextManager):
         self.last_save_seconds = 0.0
 
     def __exit__(self, *exc) -> None:
-        self._stop()
+        if self._profiler is not None:  # a run that stopped between a trace's start and its save
+            self._profiler.stop()
+            self._profiler = None
 
     def step(self, step: int) -> str | None:
         """After training step `step`: start tracing before a traced step's warm-up step, end
@@ -73,8 +75,3 @@ class StepProfiler(AbstractContextManager):
             f.write(f"step {step}, rank {self.rank}, sorted by {sort_by}\n{table}\n")
         self.last_save_seconds = time.perf_counter() - started
         return folder
-
-    def _stop(self) -> None:
-        if self._profiler is not None:
-            self._profiler.stop()
-            self._profiler = None

@@ -389,8 +389,7 @@ class Trainer:
         first_step = self.step + 1
         ckpt = self.cfg.checkpoint
         tokens_since_sync = torch.zeros((), dtype=torch.float64, device=self.device)
-        profiler = StepProfiler(self.cfg.profiling, self.cfg.job.dump_folder, self.rank, self.device)
-        with profiler:
+        with StepProfiler(self.cfg.profiling, self.cfg.job.dump_folder, self.rank, self.device) as profiler:
             profiler.step(self.step)  # a trace may begin with the first step
             while self.step < training.steps:
                 self.step += 1

@@ -42,7 +42,10 @@ def checkpoint_module(module: nn.Module, checkpoint_fn=_checkpoint) -> None:
     module.forward = forward
 
 
-# Matmul ops a linear layer dispatches to: bf16 (with and without bias) and torchao's Float8.
+# Matmul ops a linear layer dispatches to, with the index of the weight operand: bf16 (with and
+# without bias) and torchao's Float8, whose only op is the private `_scaled_mm` (no public name
+# exists; if a torch release drops it, this module fails to import rather than silently
+# recomputing Float8 matmuls).
 _MATMULS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten._scaled_mm.default: 1}
 
 

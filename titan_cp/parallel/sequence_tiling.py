@@ -3,11 +3,12 @@ for the whole local sequence at once (`training.mlp_chunk_size`).
 
 Run by autograd, the SwiGLU feed-forward keeps four `[S, ffn_dim]` tensors per token for
 backward, 3.5x the model width for Llama 3: at a million local tokens that is 64 GiB for the 1B
-model's one block being recomputed. A position-wise module gives the same result on any split of the sequence, so each
-chunk runs under non-reentrant activation checkpointing: forward keeps only the chunk's input (a
-view of the module's input), and backward recomputes one chunk at a time. The autograd engine
-runs the nodes of the chunk created last first and finishes a chunk before the next (it orders
-ready nodes by creation), so at most one chunk's intermediates are alive in backward too.
+model's one block being recomputed. A position-wise module gives the same result on any split of
+the sequence, so each chunk runs under non-reentrant activation checkpointing: forward keeps only
+the chunk's input (a view of the module's input), and backward recomputes one chunk at a time.
+The autograd engine runs the nodes of the chunk created last first and finishes a chunk before
+the next (it orders ready nodes by creation), so at most one chunk's intermediates are alive in
+backward too.
 """
 
 from functools import wraps
